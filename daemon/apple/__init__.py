@@ -1,0 +1,1 @@
+"""Apple's side of the workflow: adding devices to the organisation and MDM assignment."""

@@ -1,0 +1,246 @@
+"""The `benchhub` command: parse arguments, call into the daemon, print. Nothing else lives here.
+
+Exit codes: 0 success, 1 the job did not succeed (e.g. a demo device did not finish), 2 bad usage or
+bad configuration (one line per problem, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+from daemon import __version__
+from daemon.board import elapsed, live, render, summary
+from daemon.config import Config, ConfigError, load_config
+from daemon.logs import configure_logging
+from daemon.models import PortState
+from daemon.mqtt.broker import BrokerUnavailable
+from daemon.mqtt.payloads import state_document
+from daemon.sim.demo import DemoOptions, demo_config, technician
+from daemon.station import Station
+from daemon.store import Store, StoreError
+from daemon.workflow.phases import SETTLED, Phase
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchhub", description="Unattended iPhone/iPad provisioning bench."
+    )
+    parser.add_argument("--version", action="version", version=f"benchhub {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the station daemon")
+    run.add_argument("--config", "-c", type=Path, required=True, help="station TOML file")
+    run.add_argument(
+        "--log-format", choices=["auto", "console", "logfmt", "json"], help="override logging.format"
+    )
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override logging.level"
+    )
+
+    demo = sub.add_parser("demo", help="a simulated station with an embedded MQTT broker; no hardware needed")
+    demo.add_argument("--devices", type=int, default=8, help="devices to plug in at start (default 8)")
+    demo.add_argument("--ports", type=int, default=8, help="ports per hub (default 8)")
+    demo.add_argument("--hubs", type=int, help="number of hubs (default: enough for --devices)")
+    demo.add_argument("--speed", type=float, default=60.0, help="simulated time factor (default 60)")
+    demo.add_argument("--seed", type=int, default=1, help="which simulated devices (default 1)")
+    demo.add_argument(
+        "--fail-rate", type=float, help="chance an operation fails (default 0.02 live, 0 --until-done)"
+    )
+    demo.add_argument("--minimum-ios", default="18.0", help="minimum iOS version (default 18.0)")
+    demo.add_argument(
+        "--mqtt-port", type=int, default=0, help="embedded broker port on 127.0.0.1 (default: free)"
+    )
+    demo.add_argument("--mqtt-url", help="use this broker instead of the embedded one")
+    demo.add_argument(
+        "--state-dir", type=Path, help="keep database, world and log here (default: a temp dir)"
+    )
+    demo.add_argument("--until-done", action="store_true", help="exit when every device has finished")
+    demo.add_argument("--timeout", type=float, default=900.0, help="with --until-done: give up after (s)")
+
+    status = sub.add_parser("status", help="print every port's state from the station's database")
+    status.add_argument("--config", "-c", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="one JSON document per port")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _status(args)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"benchhub: config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, BrokerUnavailable) as exc:
+        print(f"benchhub: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _serve(station: Station) -> None:
+    """Run a station until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await station.run(stop)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging(args.log_level or config.logging.level, args.log_format or config.logging.format)
+    station = Station(config)
+    asyncio.run(_serve(station))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not config.storage.path.exists():
+        print(
+            f"benchhub: no database at {config.storage.path} yet (the station has not run)", file=sys.stderr
+        )
+        return EXIT_FAILED
+    store = Store(config.storage.path)
+    try:
+        states = store.ports()
+    finally:
+        store.close()
+    if args.json:
+        for state in states:
+            print(json.dumps(state_document(state)))
+    else:
+        print(render(states))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.devices < 1 or args.ports < 1 or args.speed <= 0:
+        print("benchhub: --devices, --ports and --speed must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    fail_rate = args.fail_rate if args.fail_rate is not None else (0.0 if args.until_done else 0.02)
+    options = DemoOptions(
+        devices=args.devices,
+        ports_per_hub=args.ports,
+        hubs=args.hubs,
+        speed=args.speed,
+        seed=args.seed,
+        fail_rate=fail_rate,
+        minimum_ios=args.minimum_ios,
+        mqtt_port=args.mqtt_port,
+        mqtt_url=args.mqtt_url,
+    )
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="benchhub-demo-"))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config = demo_config(options, state_dir)
+    log_file = (state_dir / "benchhub.log").open("a", encoding="utf-8")
+    with log_file:
+        configure_logging("info", "logfmt", stream=log_file)
+        station = Station(config)
+        if args.until_done:
+            return asyncio.run(_until_done(station, args.timeout, state_dir, sys.stdout))
+        asyncio.run(_live_demo(station, config, state_dir))
+    return EXIT_OK
+
+
+def _header(station: Station, state_dir: Path, started: float) -> str:
+    config = station.config
+    speed = f", x{config.sim.speed:g} speed" if config.sim else ""
+    running_for = elapsed(time.monotonic() - started)
+    lines = [f"benchhub demo - simulated station '{config.station.id}'{speed}, running {running_for}"]
+    if station.mqtt is not None:
+        host, port = station.mqtt.host, station.mqtt.port
+        topic = f"{config.mqtt.prefix}/{config.station.id}/#"
+        lines.append(f"MQTT mqtt://{host}:{port}   try: mosquitto_sub -h {host} -p {port} -t '{topic}' -v")
+    lines.append(f"state and log: {state_dir}    Ctrl-C to stop")
+    return "\n".join(lines)
+
+
+async def _live_demo(station: Station, config: Config, state_dir: Path) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    running = asyncio.create_task(station.run(stop))
+    await station.ready.wait()
+    helpers = [asyncio.create_task(technician(station.world, config, station.ports))]
+    if sys.stdout.isatty():
+        helpers.append(
+            asyncio.create_task(
+                live(station.ports, sys.stdout, header=lambda: _header(station, state_dir, started))
+            )
+        )
+    else:
+        print(_header(station, state_dir, started), flush=True)
+    await stop.wait()
+    for task in helpers:
+        task.cancel()
+    await running
+    print("\n" + render(station.ports()))
+
+
+async def _until_done(station: Station, give_up_after: float, state_dir: Path, out: TextIO) -> int:
+    stop = asyncio.Event()
+    started = time.monotonic()
+    running = asyncio.create_task(station.run(stop))
+    await station.ready.wait()
+    print(_header(station, state_dir, started).splitlines()[0], file=out, flush=True)
+    finished = False
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(give_up_after):
+            while not (finished := _all_settled(station.ports())):
+                await station.changed()
+    took = time.monotonic() - started
+    states = station.ports()
+    stop.set()
+    await running
+    print(_summary_table(states, took), file=out)
+    if not finished:
+        print(
+            f"benchhub: not every device finished within {give_up_after:g} s (see {state_dir}/benchhub.log)",
+            file=out,
+        )
+    all_done = finished and all(s.phase in (Phase.DONE, Phase.EMPTY) for s in states)
+    return EXIT_OK if all_done else EXIT_FAILED
+
+
+def _all_settled(states: list[PortState]) -> bool:
+    occupied = [s for s in states if s.phase is not Phase.EMPTY]
+    return bool(occupied) and all(s.phase in SETTLED for s in occupied)
+
+
+def _summary_table(states: list[PortState], took: float) -> str:
+    lines = [f"{'PORT':<10} {'MODEL':<12} {'SERIAL':<13} {'iOS':<8} {'OUTCOME':<16} {'ATTEMPT':>8}  NOTE"]
+    occupied = [s for s in states if s.device is not None]
+    for s in occupied:
+        d = s.device
+        assert d is not None
+        note = f"{s.error.code}: {s.error.message}" if s.error else (s.detail or "")
+        lines.append(
+            f"{s.ref!s:<10} {d.product_type or '?':<12} {d.serial or '?':<13} {d.ios_version or '?':<8} "
+            f"{s.phase.value:<16} {s.attempt:>8}  {note}"
+        )
+    done = sum(1 for s in occupied if s.phase is Phase.DONE)
+    lines.append("")
+    lines.append(f"{len(occupied)} devices: {summary(occupied)}; {done}/{len(occupied)} done in {took:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,337 @@
+"""A station's configuration: one TOML file, validated into typed models.
+
+Every problem in a file is reported as one line naming the key and what is expected, e.g.
+``hubs[1].ports: must be between 1 and 64 (got 0)``, and the CLI exits with code 2. Relative paths
+are resolved against the directory of the config file, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from daemon.versions import parse_version
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
+"""Station and hub ids appear in MQTT topics and Home Assistant ids; keep them to [a-z0-9-]."""
+
+StepName = Literal["update", "erase", "enroll", "assign", "setup"]
+STEP_NAMES: tuple[StepName, ...] = ("update", "erase", "enroll", "assign", "setup")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `lines` holds one human-readable problem per entry."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationConfig(_Model):
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    name: str = ""
+
+
+class StepPolicy(_Model):
+    """How one step is run: its time budget, how often it is retried, and how many ports may run it
+    at once (restores share USB bandwidth; field reports put the practical limit near 10)."""
+
+    timeout: Annotated[float, Field(gt=0)]
+    retries: Annotated[int, Field(ge=0, le=20)] = 2
+    backoff: Annotated[float, Field(ge=0)] = 5.0
+    concurrency: Annotated[int, Field(ge=1)] | None = None
+
+
+def default_policies() -> dict[str, StepPolicy]:
+    return {
+        "detect": StepPolicy(timeout=60, retries=3, backoff=2),
+        "update": StepPolicy(timeout=3600, retries=1, backoff=30, concurrency=10),
+        "erase": StepPolicy(timeout=900, retries=2, backoff=10),
+        "enroll": StepPolicy(timeout=300, retries=2, backoff=10),
+        "assign": StepPolicy(timeout=86400, retries=0, backoff=0),
+        "setup": StepPolicy(timeout=1800, retries=2, backoff=10),
+    }
+
+
+class WorkflowConfig(_Model):
+    minimum_ios: str = "17.0"
+    steps: tuple[StepName, ...] = STEP_NAMES
+    policy: dict[str, StepPolicy] = Field(default_factory=default_policies)
+    assignment_poll_interval: Annotated[float, Field(gt=0)] = 30.0
+    mdm_server: str = ""
+    """Name of the MDM server devices must end up assigned to (as shown in Apple Business Manager)."""
+
+    @field_validator("minimum_ios")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        parse_version(value)
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_in_order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("each step may appear only once")
+        order = [STEP_NAMES.index(s) for s in value]
+        if order != sorted(order):
+            raise ValueError(f"steps must keep the workflow order {list(STEP_NAMES)}")
+        return value
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _merge_policies(cls, value: Any) -> Any:
+        """A `[workflow.policy.update]` table overrides only the keys it names."""
+        if not isinstance(value, Mapping):
+            return value
+        merged: dict[str, Any] = {k: p.model_dump(exclude_none=True) for k, p in default_policies().items()}
+        for name, override in value.items():
+            if name not in merged:
+                raise ValueError(f"unknown step {name!r}; expected one of {sorted(merged)}")
+            merged[name] = {**merged[name], **override} if isinstance(override, Mapping) else override
+        return merged
+
+    def policy_for(self, step: str) -> StepPolicy:
+        return self.policy[step]
+
+
+class SimHubConfig(_Model):
+    id: Annotated[str, Field(pattern=ID_PATTERN)]
+    kind: Literal["sim"]
+    ports: Annotated[int, Field(ge=1, le=64)] = 8
+    model: str = "SIM16"
+    usb_path: Annotated[str, Field(pattern=r"^\d+-\d+(\.\d+)*$")] | None = None
+    """USB path of the hub's upstream port (e.g. `1-2`); ports hang off it as `1-2.<n>`."""
+    poll_interval: Annotated[float, Field(gt=0)] = 0.25
+
+
+HubConfig = Annotated[SimHubConfig, Field(discriminator="kind")]
+
+
+class TlsConfig(_Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(_Model):
+    url: str = "embedded"
+    """`mqtt://host[:port]`, `mqtts://host[:port]`, or `embedded` for an in-process broker on loopback."""
+    embedded_port: Annotated[int, Field(ge=0, le=65535)] = 1883
+    """Port of the embedded broker on 127.0.0.1; 0 picks a free one."""
+    prefix: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_/-]*[a-z0-9]$|^[a-z0-9]$")] = "benchhub"
+    client_id: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    """File holding the password; `credential:NAME` reads `$CREDENTIALS_DIRECTORY/NAME` (systemd)."""
+    tls: TlsConfig | None = None
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must be 'embedded' or look like mqtt://host:1883 or mqtts://host:8883")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials; use mqtt.username and mqtt.password_file")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        default = 8883 if parts.scheme == "mqtts" else 1883
+        return parts.hostname or "127.0.0.1", parts.port or default
+
+    @property
+    def use_tls(self) -> bool:
+        return self.tls is not None or urlsplit(self.url).scheme == "mqtts"
+
+
+class StorageConfig(_Model):
+    path: Path = Path("benchhub.sqlite3")
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "logfmt", "json"] = "auto"
+
+
+class SimConfig(_Model):
+    """The simulated bench: devices, the portal admin, and injected faults."""
+
+    speed: Annotated[float, Field(gt=0, le=100000)] = 60.0
+    """How much faster than real life simulated operations run (a 15-minute restore takes 15 s at 60)."""
+    seed: int = 1
+    devices: Annotated[int, Field(ge=0, le=1024)] = 0
+    """Devices plugged in when the station starts (one per free port, in port order)."""
+    state_file: Path | None = None
+    """Where simulated devices and the simulated portal keep their state, so a restarted daemon finds
+    the same devices in the same condition, as it would on a real bench."""
+    assign_delay: Annotated[float, Field(ge=0)] = 120.0
+    """Seconds (at speed 1) before the simulated administrator assigns a new serial in the portal."""
+    fail_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Chance that any one simulated operation fails with a transient error."""
+
+
+class Config(_Model):
+    station: StationConfig
+    hubs: Annotated[list[HubConfig], Field(min_length=1)]
+    workflow: WorkflowConfig = WorkflowConfig()
+    mqtt: MqttConfig = MqttConfig()
+    storage: StorageConfig = StorageConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sim: SimConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_hubs(self) -> Config:
+        seen: set[str] = set()
+        for hub in self.hubs:
+            if hub.id in seen:
+                raise ValueError(f"hub id {hub.id!r} is used twice")
+            seen.add(hub.id)
+        if any(h.kind == "sim" for h in self.hubs) and self.sim is None:
+            raise ValueError("sim hubs need a [sim] table (speed, devices, ...)")
+        return self
+
+
+_HINTS = {
+    "missing": "is required",
+    "extra_forbidden": "is not a known setting (check the spelling)",
+    "string_pattern_mismatch": "must use only lowercase letters, digits and '-' (1-32 characters)",
+    "union_tag_invalid": "names an unknown hub kind",
+}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("sim",) and out.startswith("hubs["):
+            continue  # pydantic inserts the union tag into the path; operators never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(file)"
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        return f"unknown hub kind {err['input'].get('kind')!r}; expected one of: sim"
+    if kind == "union_tag_not_found":
+        return "needs a kind (one of: sim)"
+    hint = _HINTS.get(kind)
+    msg: str = hint or str(err["msg"]).removeprefix("Value error, ")
+    if kind not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), Mapping | list):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "kind")  # the error is about the hub's `kind` key, which pydantic leaves out
+        lines.append(f"{_where(tuple(loc))}: {_describe(err)}")
+    return lines
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def rel(p: Path | None) -> Path | None:
+        if p is None or p.is_absolute():
+            return p
+        return base / p
+
+    updates: dict[str, Any] = {"storage": cfg.storage.model_copy(update={"path": rel(cfg.storage.path)})}
+    if cfg.sim is not None:
+        updates["sim"] = cfg.sim.model_copy(update={"state_file": rel(cfg.sim.state_file)})
+    mqtt = cfg.mqtt
+    if mqtt.password_file is not None and not str(mqtt.password_file).startswith("credential:"):
+        mqtt = mqtt.model_copy(update={"password_file": rel(mqtt.password_file)})
+    if mqtt.tls is not None:
+        tls = mqtt.tls.model_copy(
+            update={k: rel(getattr(mqtt.tls, k)) for k in ("ca_file", "cert_file", "key_file")}
+        )
+        mqtt = mqtt.model_copy(update={"tls": tls})
+    updates["mqtt"] = mqtt
+    return cfg.model_copy(update=updates)
+
+
+def parse_config(data: Mapping[str, Any], base: Path) -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    return _resolve_paths(cfg, base)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file (pass --config with the station's TOML file)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot be read ({exc.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: is not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    try:
+        return parse_config(data, path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {line}" for line in exc.lines]) from None
+
+
+def read_secret(ref: Path) -> str:
+    """Read a secret from a file, or from a systemd credential given as `credential:NAME`.
+
+    Secrets never live in the config file itself, so the config can be world-readable and logged.
+    """
+    text = str(ref)
+    if text.startswith("credential:"):
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(
+                [f"{text}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"]
+            )
+        ref = Path(directory) / text.removeprefix("credential:")
+    try:
+        return ref.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError([f"{ref}: secret cannot be read ({exc.strerror})"]) from None

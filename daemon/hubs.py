@@ -1,0 +1,116 @@
+"""HubSupervisor: keeps one hub's driver alive and turns its snapshots into port events.
+
+Drivers are single-use; when a link fails the supervisor closes it, reports the hub offline, waits
+with capped exponential backoff and builds a fresh one. Logging follows aioesphomeapi: WARNING on
+the first failure of an outage, DEBUG for the repeats, INFO when the hub is back, so a flapping hub
+does not flood the operator's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from hubdrivers.base import Capability, HubDriver, HubError, HubInfo, PortMode, PortStatus
+
+MAX_BACKOFF = 30.0
+POLL_TIMEOUT = 10.0
+POWER_OFF_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class PortEvent:
+    hub: str
+    port: int
+    attached: bool
+    status: PortStatus
+
+
+def backoff_delay(failures: int) -> float:
+    """1.8^n seconds, capped, with ±20 % jitter so a station's hubs don't reconnect in lockstep."""
+    base: float = min(1.8 ** min(failures, 10), MAX_BACKOFF)
+    return base * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not cryptography
+
+
+class HubSupervisor:
+    def __init__(
+        self,
+        hub_id: str,
+        make_driver: Callable[[], HubDriver],
+        poll_interval: float,
+        on_port: Callable[[PortEvent], None],
+        on_link: Callable[[str, bool], None],
+    ) -> None:
+        self.hub_id = hub_id
+        self._make_driver = make_driver
+        self._poll_interval = poll_interval
+        self._on_port = on_port
+        self._on_link = on_link
+        self._driver: HubDriver | None = None
+        self._known: dict[int, PortStatus] = {}
+        self.info: HubInfo | None = None
+        self.online = False
+        self.log = structlog.get_logger("benchhub.hub").bind(hub=hub_id)
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return self._driver.capabilities if self._driver else frozenset()
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            driver = self._make_driver()
+            try:
+                self.info = await driver.open()
+                self._driver = driver
+                self._set_online(True)
+                if failures:
+                    self.log.info("hub_reconnected", after_failures=failures)
+                else:
+                    self.log.info("hub_opened", model=self.info.model, ports=self.info.port_count)
+                failures = 0
+                await self._poll_forever(driver)
+            except (HubError, OSError, TimeoutError) as exc:
+                failures += 1
+                log = self.log.warning if failures == 1 else self.log.debug
+                log("hub_link_failed", error=str(exc), failures=failures)
+            finally:
+                self._driver = None
+                self._set_online(False)
+                await driver.close()
+            await asyncio.sleep(backoff_delay(failures))
+
+    async def _poll_forever(self, driver: HubDriver) -> None:
+        while True:
+            async with asyncio.timeout(POLL_TIMEOUT):
+                statuses = await driver.poll()
+            self._diff(statuses)
+            await asyncio.sleep(self._poll_interval)
+
+    def _diff(self, statuses: list[PortStatus]) -> None:
+        for status in statuses:
+            before = self._known.get(status.port)
+            self._known[status.port] = status
+            if before is None or before.attached != status.attached:
+                self._on_port(PortEvent(self.hub_id, status.port, status.attached, status))
+
+    def _set_online(self, online: bool) -> None:
+        if online != self.online:
+            self.online = online
+            self._on_link(self.hub_id, online)
+
+    async def set_mode(self, port: int, mode: PortMode) -> None:
+        if self._driver is None:
+            raise HubError(f"hub {self.hub_id} is offline")
+        await self._driver.set_mode(port, mode)
+
+    async def power_cycle(self, port: int) -> None:
+        """Off, wait, back to sync: the device sees a real unplug and re-enumerates."""
+        self.log.info("power_cycle", port=port)
+        await self.set_mode(port, PortMode.OFF)
+        await asyncio.sleep(POWER_OFF_SECONDS)
+        await self.set_mode(port, PortMode.SYNC)

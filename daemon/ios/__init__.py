@@ -1,0 +1,1 @@
+"""Device access behind one protocol: pymobiledevice3, cfgutil (macOS) and the simulator."""

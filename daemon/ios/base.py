@@ -1,0 +1,156 @@
+"""The one protocol through which the workflow touches iPhones and iPads.
+
+Implementations: the simulator (`daemon.sim.backend`), pymobiledevice3 and Apple Configurator's
+cfgutil. Steps see only this protocol and typed errors, so the workflow is the same on every bench.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from daemon.models import DeviceIdentity
+
+
+class DeviceMode(enum.StrEnum):
+    NORMAL = "normal"
+    RECOVERY = "recovery"
+    DFU = "dfu"
+    RESTORE = "restore"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSeen:
+    """A device appeared on a USB path (or changed mode there). Recovery/DFU devices have no UDID."""
+
+    usb_path: str
+    mode: DeviceMode
+    udid: str | None = None
+    ecid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceGone:
+    usb_path: str
+
+
+DeviceEvent = DeviceSeen | DeviceGone
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    udid: str
+    ecid: str
+    serial: str
+    product_type: str
+    ios_version: str
+    build: str
+    device_class: str
+    activation_state: str
+    in_setup_assistant: bool
+
+    def identity(self) -> DeviceIdentity:
+        return DeviceIdentity(
+            udid=self.udid,
+            ecid=self.ecid,
+            serial=self.serial,
+            product_type=self.product_type,
+            ios_version=self.ios_version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateTarget:
+    """The firmware a device is restored to; `ipsw` is None where the backend fetches it itself."""
+
+    version: str
+    build: str
+    ipsw: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloudConfig:
+    """What `GetCloudConfiguration` reports: whether the ADE configuration is on the device and whom
+    it names."""
+
+    applied: bool
+    configuration_url: str | None = None
+    organization: str | None = None
+    is_mdm_unremovable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetupPlan:
+    expected_mdm_url: str | None = None
+    skip_panes: tuple[str, ...] = ()
+
+
+ProgressFn = Callable[[int | None, str | None], None]
+"""`progress(percent or None, detail or None)`: called by long operations; must not block."""
+
+
+class DeviceError(Exception):
+    """A device operation failed; `code` is stable vocabulary for MQTT and the store."""
+
+    code = "device_error"
+    retryable = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DeviceGoneError(DeviceError):
+    code = "device_gone"
+
+
+class NotPairedError(DeviceError):
+    code = "not_paired"
+
+
+class PairingRefusedError(DeviceError):
+    code = "pairing_refused"
+    retryable = False
+
+
+class ServiceUnavailableError(DeviceError):
+    code = "service_unavailable"
+
+
+class UnexpectedReplyError(DeviceError):
+    code = "unexpected_reply"
+
+
+class UnsupportedDeviceError(DeviceError):
+    code = "unsupported_device"
+    retryable = False
+
+
+class DeviceBackend(Protocol):
+    def watch(self) -> AsyncIterator[DeviceEvent]:
+        """Every appearance and disappearance of a device, starting with those already present."""
+        ...
+
+    async def info(self, udid: str) -> DeviceInfo: ...
+
+    async def update(self, udid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn) -> None:
+        """Restore to `target`; returns once the device is back in normal mode on the new version."""
+        ...
+
+    async def erase(self, udid: str) -> None:
+        """Ask the device to erase itself; returns when the device has acknowledged (it then leaves USB
+        and comes back in Setup Assistant)."""
+        ...
+
+    async def cloud_configuration(self, udid: str) -> CloudConfig | None: ...
+
+    async def setup(self, udid: str, plan: SetupPlan, progress: ProgressFn) -> None: ...
+
+
+class FirmwareSource(Protocol):
+    async def target_for(self, product_type: str, minimum: str) -> UpdateTarget | None:
+        """The newest firmware for this model that satisfies `minimum`, or None if none does."""
+        ...

@@ -1,0 +1,1 @@
+"""MQTT: topic schema, payloads, the outbox publisher and the embedded broker."""

@@ -1,0 +1,96 @@
+"""JSON payloads for port state and events, and the store's outbox renderer.
+
+The state document is the one thing dashboards and status lights read, so it is complete on its own:
+phase, step, progress, device identity, since, attempt, error, a per-port sequence number (consumers
+can drop anything older than what they have) and a timestamp.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from daemon.models import OutboxMessage, PortState, Transition, iso
+from daemon.mqtt.topics import Topics
+from daemon.workflow.phases import Phase
+
+
+def state_document(state: PortState) -> dict[str, Any]:
+    device = state.device.as_dict() if state.device else {}
+    return {
+        "hub": state.ref.hub,
+        "port": state.ref.port,
+        "phase": state.phase.value,
+        "step": state.step,
+        "progress": state.progress,
+        "udid": device.get("udid"),
+        "ecid": device.get("ecid"),
+        "serial": device.get("serial"),
+        "model": device.get("product_type"),
+        "ios": device.get("ios_version"),
+        "since": iso(state.since),
+        "attempt": state.attempt,
+        "error": state.error.as_dict() if state.error else None,
+        "detail": state.detail,
+        "seq": state.seq,
+        "ts": iso(state.updated),
+    }
+
+
+def event_document(state: PortState, transition: Transition, from_phase: Phase) -> dict[str, Any]:
+    return {
+        "event": "transition",
+        "hub": state.ref.hub,
+        "port": state.ref.port,
+        "from": from_phase.value,
+        "to": state.phase.value,
+        "step": state.step,
+        "attempt": state.attempt,
+        "actor": transition.actor,
+        "error": state.error.as_dict() if state.error else None,
+        "detail": state.detail,
+        "device": state.device.as_dict() if state.device else None,
+        "seq": state.seq,
+        "ts": iso(state.updated),
+    }
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+class PayloadRenderer:
+    """Implements the store's `OutboxRenderer`: which messages one state change produces."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+
+    def port_messages(
+        self, state: PortState, transition: Transition | None, from_phase: Phase | None
+    ) -> list[OutboxMessage]:
+        messages = [
+            OutboxMessage(self.topics.port_state(state.ref), _json(state_document(state)), retain=True),
+        ]
+        if transition is not None and from_phase is not None:
+            messages.append(
+                OutboxMessage(self.topics.port_phase(state.ref), state.phase.value.encode(), retain=True)
+            )
+            messages.append(
+                OutboxMessage(
+                    self.topics.port_event(state.ref),
+                    _json(event_document(state, transition, from_phase)),
+                    retain=False,
+                )
+            )
+        return messages
+
+    def hub_messages(self, hub: str, online: bool) -> list[OutboxMessage]:
+        payload = b"online" if online else b"offline"
+        return [OutboxMessage(self.topics.hub_status(hub), payload, retain=True)]
+
+    def snapshot(self, state: PortState) -> list[OutboxMessage]:
+        """Retained messages that restore a port's state on a broker that lost it."""
+        return [
+            OutboxMessage(self.topics.port_state(state.ref), _json(state_document(state)), retain=True),
+            OutboxMessage(self.topics.port_phase(state.ref), state.phase.value.encode(), retain=True),
+        ]

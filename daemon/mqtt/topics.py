@@ -1,0 +1,41 @@
+"""The topic schema (docs/mqtt.md): physical location in the topic, device identity in the payload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.models import PortRef
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str
+    station: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.station}"
+
+    @property
+    def status(self) -> str:
+        """Retained `online`/`offline`; also the last will."""
+        return f"{self.base}/status"
+
+    def hub_status(self, hub: str) -> str:
+        return f"{self.base}/hub/{hub}/status"
+
+    def port(self, ref: PortRef) -> str:
+        return f"{self.base}/hub/{ref.hub}/port/{ref.port}"
+
+    def port_state(self, ref: PortRef) -> str:
+        return f"{self.port(ref)}/state"
+
+    def port_phase(self, ref: PortRef) -> str:
+        """Scalar mirror of the phase for consumers that cannot parse JSON (status lights)."""
+        return f"{self.port(ref)}/state/phase"
+
+    def port_event(self, ref: PortRef) -> str:
+        return f"{self.port(ref)}/event"
+
+    def port_set(self, ref: PortRef) -> str:
+        return f"{self.port(ref)}/set"

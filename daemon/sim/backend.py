@@ -1,0 +1,199 @@
+"""Simulated device operations with realistic durations, re-enumeration and injected faults.
+
+This is the seam a later usbmuxd/lockdown-level simulator plugs into: it implements the same
+`DeviceBackend` protocol the pymobiledevice3 backend does. Durations are seconds of real life, run
+`speed` times faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final
+
+from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
+from daemon.ios.base import (
+    CloudConfig,
+    DeviceError,
+    DeviceEvent,
+    DeviceGoneError,
+    DeviceInfo,
+    DeviceMode,
+    ProgressFn,
+    SetupPlan,
+    UnexpectedReplyError,
+    UpdateTarget,
+)
+from daemon.models import PortRef
+from daemon.sim.catalog import MODELS_BY_TYPE, RELEASES, major
+from daemon.sim.devices import SimDevice
+from daemon.sim.faults import Fault, FaultKind
+from daemon.sim.world import SimWorld
+from daemon.versions import parse_version
+
+DURATIONS: Final[dict[str, float]] = {
+    "detect": 3.0,
+    "update": 900.0,  # download-free restore from a cached IPSW over USB 2: about 15 minutes
+    "erase": 150.0,
+    "enroll": 25.0,
+    "setup": 90.0,
+}
+
+MDM_URL: Final = "https://mdm.example.com/enroll"
+ORGANIZATION: Final = "Example Corp"
+
+
+class SimulatedFault(DeviceError):
+    code = "simulated_fault"
+
+
+class SimOps:
+    """Shared plumbing for simulated operations: find the device, apply faults, pace progress."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+
+    def locate(self, udid: str) -> tuple[SimDevice, PortRef]:
+        found = self.world.device_by_udid(udid)
+        if found is None or found[0].mode is not DeviceMode.NORMAL:
+            raise DeviceGoneError(f"device {udid} is not connected")
+        return found
+
+    async def run(
+        self,
+        op: str,
+        device: SimDevice,
+        ref: PortRef,
+        progress: ProgressFn | None = None,
+        *,
+        ticks: int = 1,
+    ) -> None:
+        """Spend the operation's simulated time, raising where a fault says so."""
+        fault = self.world.take_fault(op, ref)
+        device.started[op] += 1
+        self.world.save()
+        duration = DURATIONS[op]
+        if fault is not None and fault.kind is FaultKind.SLOW:
+            duration *= fault.factor
+        for tick in range(ticks):
+            if fault is not None and self._strikes(fault, tick, ticks):
+                await self._apply(fault, device, ref)
+            await self.world.sleep(duration / ticks)
+            if self.world.port_of(device.ecid) != ref:
+                raise DeviceGoneError(f"device {device.serial} was disconnected during {op}")
+            if progress is not None:
+                progress(int(100 * (tick + 1) / ticks), None)
+        if fault is not None and fault.kind is FaultKind.FAIL:
+            raise SimulatedFault(f"{op}: {fault.message}")
+
+    @staticmethod
+    def _strikes(fault: Fault, tick: int, ticks: int) -> bool:
+        return fault.kind is FaultKind.UNPLUG and tick == min(ticks - 1, int(fault.at * ticks))
+
+    async def _apply(self, fault: Fault, device: SimDevice, ref: PortRef) -> None:
+        self.pull(fault, device, ref)
+        raise DeviceGoneError(f"device {device.serial} was disconnected")
+
+    def pull(self, fault: Fault, device: SimDevice, ref: PortRef) -> None:
+        """The technician pulls the device out (and plugs it back later if the fault says so)."""
+        self.world.unplug(ref)
+        if fault.replug_after is not None:
+            self.world.schedule_replug(ref, device, fault.replug_after)
+
+
+class SimDeviceBackend:
+    """`DeviceBackend` over the simulated world."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+        self.ops = SimOps(world)
+
+    def watch(self) -> AsyncIterator[DeviceEvent]:
+        return self.world.events()
+
+    async def info(self, udid: str) -> DeviceInfo:
+        device, ref = self.ops.locate(udid)
+        await self.ops.run("detect", device, ref)
+        return device.info()
+
+    async def update(self, udid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn) -> None:
+        device, ref = self.ops.locate(udid)
+        if major(target.version) > device.model.max_major:
+            raise UnexpectedReplyError(f"{device.product_type} does not support iOS {target.version}")
+        progress(0, "entering recovery mode")
+        self.world.reenumerate(device, DeviceMode.RECOVERY)
+        try:
+            await self.ops.run("update", device, ref, lambda p, _d: progress(p, "restoring"), ticks=20)
+        finally:
+            # Until the final reboot the old system is intact: an interrupted restore leaves the
+            # device where it was (the real-hardware case of a device stuck in Recovery is issue 5's).
+            device.mode = DeviceMode.NORMAL
+        device.ios_version, device.build = target.version, target.build
+        if erase:
+            device.in_setup_assistant = True
+            device.cloud_config_applied = False
+        device.completed["update"] += 1
+        self.world.save()
+        self.world.reappear(device)
+
+    async def erase(self, udid: str) -> None:
+        device, ref = self.ops.locate(udid)
+        fault = self.world.take_fault("erase", ref)
+        if fault is not None and fault.kind is FaultKind.FAIL:
+            raise SimulatedFault(f"erase: {fault.message}")
+        # The device acknowledges EraseDevice, then leaves USB, wipes itself and reboots into Setup
+        # Assistant; a provisional enrollment survives an erase, a cloud configuration does not.
+        device.started["erase"] += 1
+        device.completed["erase"] += 1
+        device.in_setup_assistant = True
+        device.cloud_config_applied = False
+        self.world.save()
+        self.world.vanish(device)
+        reboot = DURATIONS["erase"] / self.world.speed
+        if fault is not None and fault.kind is FaultKind.SLOW:
+            reboot *= fault.factor
+        if fault is not None and fault.kind is FaultKind.UNPLUG:
+            self.world.later(reboot * fault.at, lambda: self.ops.pull(fault, device, ref))
+        self.world.later(reboot, lambda: self._reboot(device, ref))
+
+    def _reboot(self, device: SimDevice, ref: PortRef) -> None:
+        if self.world.port_of(device.ecid) == ref:
+            self.world.reappear(device)
+
+    async def cloud_configuration(self, udid: str) -> CloudConfig | None:
+        device, _ref = self.ops.locate(udid)
+        if not device.cloud_config_applied:
+            return CloudConfig(applied=False)
+        return CloudConfig(
+            applied=True, configuration_url=MDM_URL, organization=ORGANIZATION, is_mdm_unremovable=True
+        )
+
+    async def setup(self, udid: str, plan: SetupPlan, progress: ProgressFn) -> None:
+        device, ref = self.ops.locate(udid)
+        if device.cloud_config_applied:
+            raise UnexpectedReplyError("cloud configuration already applied (MCInstall error 14002)")
+        server = self.world.admin_assigned(device.serial)
+        if server is None or server == APPLE_CONFIGURATOR_SERVER:
+            raise UnexpectedReplyError(f"no Automated Device Enrollment profile for {device.serial} yet")
+        await self.ops.run("setup", device, ref, progress, ticks=5)
+        device.cloud_config_applied = True
+        device.in_setup_assistant = False
+        device.completed["setup"] += 1
+        self.world.save()
+
+
+class SimFirmware:
+    """The IPSW cache of a simulated bench: every release in the catalogue is 'downloaded'."""
+
+    async def target_for(self, product_type: str, minimum: str) -> UpdateTarget | None:
+        model = MODELS_BY_TYPE.get(product_type)
+        if model is None:
+            return None
+        fitting = [
+            r
+            for r in RELEASES
+            if major(r.version) <= model.max_major and parse_version(r.version) >= parse_version(minimum)
+        ]
+        if not fitting:
+            return None
+        best = max(fitting, key=lambda r: parse_version(r.version))
+        return UpdateTarget(best.version, best.build)

@@ -1,0 +1,112 @@
+"""`benchhub demo`: a whole simulated station with an embedded broker and no hardware.
+
+Time on the simulated bench runs `speed` times faster than life, so the demo config scales the
+workflow's timeouts, back-offs and polling by the same factor; everything else is the production
+configuration and code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.config import Config, default_policies, parse_config
+from daemon.models import PortRef, PortState
+from daemon.sim.world import SimWorld
+from daemon.workflow.phases import SETTLED, Phase
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    devices: int = 8
+    ports_per_hub: int = 8
+    hubs: int | None = None
+    speed: float = 60.0
+    seed: int = 1
+    fail_rate: float = 0.0
+    minimum_ios: str = "18.0"
+    mqtt_port: int = 0
+    mqtt_url: str | None = None
+
+
+def demo_config(options: DemoOptions, state_dir: Path) -> Config:
+    hubs = options.hubs or max(1, math.ceil(options.devices / options.ports_per_hub))
+    speed = options.speed
+    policy: dict[str, Any] = {
+        name: {
+            "timeout": max(p.timeout / speed, 2.0),
+            "backoff": p.backoff / speed,
+            "retries": p.retries,
+        }
+        for name, p in default_policies().items()
+    }
+    data: dict[str, Any] = {
+        "station": {"id": "demo", "name": "benchhub demo"},
+        "hubs": [
+            {
+                "id": f"hub-{chr(ord('a') + i)}",
+                "kind": "sim",
+                "ports": options.ports_per_hub,
+                "poll_interval": 0.1,
+            }
+            for i in range(hubs)
+        ],
+        "workflow": {
+            "minimum_ios": options.minimum_ios,
+            "mdm_server": "benchhub MDM",
+            "assignment_poll_interval": max(30.0 / speed, 0.02),
+            "policy": policy,
+        },
+        "mqtt": {"url": options.mqtt_url or "embedded", "embedded_port": options.mqtt_port},
+        "storage": {"path": str(state_dir / "benchhub.sqlite3")},
+        "sim": {
+            "speed": speed,
+            "seed": options.seed,
+            "devices": options.devices,
+            "state_file": str(state_dir / "sim-world.json"),
+            "fail_rate": options.fail_rate,
+        },
+    }
+    return parse_config(data, state_dir)
+
+
+def minimum_major(config: Config) -> int:
+    return int(config.workflow.minimum_ios.split(".", 1)[0])
+
+
+def plug_initial(world: SimWorld, config: Config) -> list[PortRef]:
+    """Plug the configured number of devices, unless a saved world already has devices plugged."""
+    assert config.sim is not None
+    if world.generated:
+        return []
+    return world.plug_new(config.sim.devices, minimum_major(config))
+
+
+async def technician(
+    world: SimWorld, config: Config, ports: Callable[[], list[PortState]], *, dwell: float = 4.0
+) -> None:
+    """What the person at the bench does in the live demo: take finished devices off after a few
+    seconds and plug fresh ones in, so the board keeps moving."""
+    settled_since: dict[PortRef, float] = {}
+    loop = asyncio.get_running_loop()
+    while True:
+        now = loop.time()
+        for state in ports():
+            ref = state.ref
+            if state.phase in SETTLED or state.phase is Phase.INTERRUPTED:
+                since = settled_since.setdefault(ref, now)
+                if now - since >= dwell:
+                    world.unplug(ref)
+                    settled_since.pop(ref, None)
+            else:
+                settled_since.pop(ref, None)
+            if state.phase is Phase.EMPTY and world.slots[ref].device is None:
+                since = settled_since.setdefault(ref, now)
+                if now - since >= dwell / 2:
+                    world.plug(ref, world.new_device(minimum_major(config)))
+                    settled_since.pop(ref, None)
+        await asyncio.sleep(0.25)

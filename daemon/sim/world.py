@@ -1,0 +1,311 @@
+"""The simulated physical bench: hubs, ports, which device sits where, and the devices themselves.
+
+It is the single source of physical truth for the simulated hub driver (what a hub would measure),
+the simulated device backend (what usbmuxd would report) and the simulated portal. With a state
+file it survives daemon restarts and crashes the way a real bench does: the devices stay plugged in
+and keep whatever was done to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
+from daemon.ios.base import DeviceEvent, DeviceGone, DeviceMode, DeviceSeen
+from daemon.models import PortRef
+from daemon.sim.devices import SimDevice, make_device
+from daemon.sim.faults import Fault, FaultKind
+from daemon.usb.topology import default_usb_path
+from hubdrivers.base import PortMode, PortStatus
+
+
+@dataclass
+class SimHub:
+    id: str
+    ports: int
+    usb_path: str
+    online: bool = True
+
+
+@dataclass
+class PortSlot:
+    device: int | None = None  # ECID of the device in the port
+    mode: PortMode = PortMode.SYNC
+
+
+@dataclass
+class PortalRecord:
+    """A device in the simulated Apple Business Manager organisation."""
+
+    server: str
+    added_at: float  # wall-clock seconds, so the admin's delay runs across daemon restarts
+
+
+@dataclass
+class SimWorld:
+    hubs: dict[str, SimHub]
+    speed: float = 60.0
+    seed: int = 1
+    assign_delay: float = 120.0
+    fail_rate: float = 0.0
+    target_server: str = "benchhub MDM"
+    state_file: Path | None = None
+    devices: dict[int, SimDevice] = field(default_factory=dict)
+    slots: dict[PortRef, PortSlot] = field(default_factory=dict)
+    portal: dict[str, PortalRecord] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    generated: int = 0
+    _listeners: list[asyncio.Queue[DeviceEvent]] = field(default_factory=list)
+    _rng: random.Random = field(default_factory=random.Random)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        for hub in self.hubs.values():
+            for n in range(1, hub.ports + 1):
+                self.slots.setdefault(PortRef(hub.id, n), PortSlot())
+
+    # -------------------------------------------------------------- topology
+
+    def usb_path(self, ref: PortRef) -> str:
+        return f"{self.hubs[ref.hub].usb_path}.{ref.port}"
+
+    def port_of(self, ecid: int) -> PortRef | None:
+        for ref, slot in self.slots.items():
+            if slot.device == ecid:
+                return ref
+        return None
+
+    def device_by_udid(self, udid: str) -> tuple[SimDevice, PortRef] | None:
+        for ref, slot in self.slots.items():
+            if slot.device is not None:
+                device = self.devices[slot.device]
+                if device.udid == udid:
+                    return device, ref
+        return None
+
+    def free_ports(self) -> list[PortRef]:
+        return [ref for ref, slot in sorted(self.slots.items()) if slot.device is None]
+
+    # ------------------------------------------------------- hub backplane
+
+    def hub_online(self, hub: str) -> bool:
+        return self.hubs[hub].online
+
+    def port_statuses(self, hub: str) -> list[PortStatus]:
+        statuses = []
+        for n in range(1, self.hubs[hub].ports + 1):
+            slot = self.slots[PortRef(hub, n)]
+            attached = slot.device is not None and slot.mode is not PortMode.OFF
+            statuses.append(
+                PortStatus(port=n, attached=attached, mode=slot.mode, current_ma=480 if attached else 0)
+            )
+        return statuses
+
+    async def set_port_mode(self, hub: str, port: int, mode: PortMode) -> None:
+        ref = PortRef(hub, port)
+        slot = self.slots[ref]
+        was_on = slot.mode is not PortMode.OFF
+        slot.mode = mode
+        if slot.device is None:
+            return
+        device = self.devices[slot.device]
+        if mode is PortMode.OFF and was_on:
+            self._emit(DeviceGone(self.usb_path(ref)))
+        elif mode is not PortMode.OFF and not was_on:
+            # Power returns: the phone (it has a battery) re-enumerates within a couple of seconds.
+            self.later(2.0 / self.speed, lambda: self._announce(ref, device))
+
+    # ------------------------------------------------------------ plugging
+
+    def new_device(self, minimum_major: int = 0) -> SimDevice:
+        device = make_device(self.seed, self.generated, minimum_major)
+        self.generated += 1
+        self.devices[device.ecid] = device
+        self.save()
+        return device
+
+    def plug(self, ref: PortRef, device: SimDevice) -> None:
+        slot = self.slots[ref]
+        if slot.device is not None:
+            raise ValueError(f"port {ref} is occupied")
+        current = self.port_of(device.ecid)
+        if current is not None:
+            raise ValueError(f"device {device.serial} is already in port {current}")
+        self.devices.setdefault(device.ecid, device)
+        slot.device = device.ecid
+        device.mode = DeviceMode.NORMAL
+        self.save()
+        if slot.mode is not PortMode.OFF:
+            self._announce(ref, device)
+
+    def unplug(self, ref: PortRef) -> SimDevice | None:
+        slot = self.slots[ref]
+        if slot.device is None:
+            return None
+        device = self.devices[slot.device]
+        slot.device = None
+        self.save()
+        self._emit(DeviceGone(self.usb_path(ref)))
+        return device
+
+    def plug_new(self, count: int, minimum_major: int = 0) -> list[PortRef]:
+        """Plug `count` new devices into the first free ports, as a technician would."""
+        refs = self.free_ports()[:count]
+        for ref in refs:
+            self.plug(ref, self.new_device(minimum_major))
+        return refs
+
+    # ---------------------------------------------------------- USB events
+
+    def _announce(self, ref: PortRef, device: SimDevice) -> None:
+        udid = device.udid if device.mode in (DeviceMode.NORMAL, DeviceMode.RESTORE) else None
+        self._emit(DeviceSeen(self.usb_path(ref), device.mode, udid=udid, ecid=device.ecid_hex))
+
+    def reenumerate(self, device: SimDevice, mode: DeviceMode) -> None:
+        """The device drops off USB and comes back in another mode (a restore or a reboot)."""
+        ref = self.port_of(device.ecid)
+        device.mode = mode
+        if ref is None:
+            return
+        self._emit(DeviceGone(self.usb_path(ref)))
+        self._announce(ref, device)
+
+    def vanish(self, device: SimDevice) -> None:
+        ref = self.port_of(device.ecid)
+        if ref is not None:
+            self._emit(DeviceGone(self.usb_path(ref)))
+
+    def reappear(self, device: SimDevice) -> None:
+        ref = self.port_of(device.ecid)
+        device.mode = DeviceMode.NORMAL
+        if ref is not None and self.slots[ref].mode is not PortMode.OFF:
+            self._announce(ref, device)
+
+    def _emit(self, event: DeviceEvent) -> None:
+        for queue in self._listeners:
+            queue.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[DeviceEvent]:
+        """What usbmuxd/udev would report: first every device present, then every change."""
+        queue: asyncio.Queue[DeviceEvent] = asyncio.Queue()
+        self._listeners.append(queue)
+        try:
+            for ref, slot in sorted(self.slots.items()):
+                if slot.device is not None and slot.mode is not PortMode.OFF:
+                    device = self.devices[slot.device]
+                    udid = device.udid if device.mode is DeviceMode.NORMAL else None
+                    queue.put_nowait(DeviceSeen(self.usb_path(ref), device.mode, udid, device.ecid_hex))
+            while True:
+                yield await queue.get()
+        finally:
+            self._listeners.remove(queue)
+
+    # -------------------------------------------------------------- faults
+
+    def inject(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    def take_fault(self, op: str, ref: PortRef) -> Fault | None:
+        for fault in self.faults:
+            if fault.matches(op, ref):
+                fault.times -= 1
+                return fault
+        if self.fail_rate and self._rng.random() < self.fail_rate:
+            return Fault(op, FaultKind.FAIL, message="simulated transient failure (sim.fail_rate)")
+        return None
+
+    def schedule_replug(self, ref: PortRef, device: SimDevice, delay: float) -> None:
+        self.later(delay, lambda: self.plug(ref, device) if self.slots[ref].device is None else None)
+
+    def later(self, delay: float, action: Callable[[], object]) -> None:
+        """Run `action` after `delay` real seconds."""
+
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            action()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep for `seconds` of simulated time, jittered by ±20 % like real hardware."""
+        await asyncio.sleep(seconds * self._rng.uniform(0.8, 1.2) / self.speed)
+
+    # -------------------------------------------------------------- portal
+
+    def admin_assigned(self, serial: str) -> str | None:
+        record = self.portal.get(serial)
+        if record is None:
+            return None
+        waited = (time.time() - record.added_at) * self.speed
+        if record.server == APPLE_CONFIGURATOR_SERVER and waited >= self.assign_delay:
+            record.server = self.target_server
+            self.save()
+        return record.server
+
+    # --------------------------------------------------------- persistence
+
+    def save(self) -> None:
+        if self.state_file is None:
+            return
+        data = {
+            "generated": self.generated,
+            "devices": [d.to_json() for d in self.devices.values()],
+            "slots": {f"{r.hub}/{r.port}": s.device for r, s in self.slots.items() if s.device is not None},
+            "portal": {k: [v.server, v.added_at] for k, v in self.portal.items()},
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.state_file)
+
+    def load(self) -> bool:
+        if self.state_file is None or not self.state_file.exists():
+            return False
+        data = json.loads(self.state_file.read_text())
+        self.generated = data["generated"]
+        self.devices = {d["ecid"]: SimDevice.from_json(d) for d in data["devices"]}
+        for key, ecid in data["slots"].items():
+            hub, port = key.rsplit("/", 1)
+            ref = PortRef(hub, int(port))
+            if ref in self.slots:
+                self.slots[ref].device = ecid
+        self.portal = {k: PortalRecord(v[0], v[1]) for k, v in data["portal"].items()}
+        return True
+
+
+def build_world(
+    hubs: Iterable[tuple[str, int, str | None]],
+    *,
+    speed: float,
+    seed: int,
+    assign_delay: float,
+    fail_rate: float = 0.0,
+    target_server: str = "benchhub MDM",
+    state_file: Path | None = None,
+) -> SimWorld:
+    """A world for the given `(hub id, port count, usb path)` triples, wired like `Topology`."""
+    sim_hubs = {
+        hub_id: SimHub(hub_id, ports, usb_path or default_usb_path(i))
+        for i, (hub_id, ports, usb_path) in enumerate(hubs)
+    }
+    world = SimWorld(
+        sim_hubs,
+        speed=speed,
+        seed=seed,
+        assign_delay=assign_delay,
+        fail_rate=fail_rate,
+        target_server=target_server,
+        state_file=state_file,
+    )
+    world.load()
+    return world

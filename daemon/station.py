@@ -1,0 +1,217 @@
+"""The composition root: builds hubs, device watcher, port runners, store and publisher, and runs them.
+
+Data flows one way: hub supervisors and the device watcher produce events, `Station` maps them to
+ports (through the USB topology) and hands them to the port's runner; runners record transitions
+in the store; the publisher drains the store's outbox to MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from daemon.config import Config, read_secret
+from daemon.hubs import HubSupervisor, PortEvent, backoff_delay
+from daemon.ios.base import DeviceGone, DeviceSeen
+from daemon.models import PortRef, PortState
+from daemon.mqtt.broker import embedded_broker
+from daemon.mqtt.payloads import PayloadRenderer
+from daemon.mqtt.publisher import MqttPublisher
+from daemon.mqtt.topics import Topics
+from daemon.sim.backend import SimDeviceBackend, SimFirmware
+from daemon.sim.demo import plug_initial
+from daemon.sim.portal import SimAssignmentSource, SimEnroller
+from daemon.sim.world import SimWorld, build_world
+from daemon.store import Store
+from daemon.usb.topology import Topology
+from daemon.workflow.actions import Action
+from daemon.workflow.limits import Limits
+from daemon.workflow.runner import PortRunner
+from daemon.workflow.steps.base import Services
+from hubdrivers.base import Capability, HubDriver
+from hubdrivers.sim import SimHubDriver
+
+
+def build_sim_world(config: Config) -> SimWorld:
+    sim = config.sim
+    assert sim is not None, "config validation guarantees [sim] for sim hubs"
+    return build_world(
+        [(h.id, h.ports, h.usb_path) for h in config.hubs],
+        speed=sim.speed,
+        seed=sim.seed,
+        assign_delay=sim.assign_delay,
+        fail_rate=sim.fail_rate,
+        target_server=config.workflow.mdm_server or "benchhub MDM",
+        state_file=sim.state_file,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MqttEndpoint:
+    host: str
+    port: int
+
+
+class Station:
+    def __init__(self, config: Config, world: SimWorld | None = None) -> None:
+        self.config = config
+        self.log = structlog.get_logger("benchhub.station")
+        self.world = world if world is not None else build_sim_world(config)
+        self.topics = Topics(config.mqtt.prefix, config.station.id)
+        self.renderer = PayloadRenderer(self.topics)
+        self.store = Store(config.storage.path, self.renderer)
+        self.topology = Topology.from_config((h.id, h.ports, h.usb_path) for h in config.hubs)
+        self.services = Services(
+            backend=SimDeviceBackend(self.world),
+            firmware=SimFirmware(),
+            enroller=SimEnroller(self.world),
+            assignment=SimAssignmentSource(self.world),
+        )
+        limits = Limits(config.workflow)
+        self.supervisors = {
+            hub.id: HubSupervisor(
+                hub.id,
+                self._driver_factory(hub.id, hub.ports, hub.model),
+                hub.poll_interval,
+                self._on_port_event,
+                self._on_hub_link,
+            )
+            for hub in config.hubs
+        }
+        self.runners = {
+            ref: PortRunner(
+                ref,
+                self.store,
+                self.services,
+                config.workflow,
+                limits,
+                power_cycle=self.supervisors[ref.hub].power_cycle,
+            )
+            for ref in self.topology.ports()
+        }
+        self.store.ensure_ports(self.runners)
+        self.mqtt: MqttEndpoint | None = None
+        self.publisher: MqttPublisher | None = None
+        self.ready = asyncio.Event()
+        self._changes = asyncio.Event()
+        self.store.subscribe(self._changes.set)
+        self._final: list[PortState] | None = None
+
+    def _driver_factory(self, hub_id: str, ports: int, model: str) -> Callable[[], HubDriver]:
+        world = self.world
+        return lambda: SimHubDriver(hub_id, ports, world, model)
+
+    # ---------------------------------------------------------------- events
+
+    def _on_port_event(self, event: PortEvent) -> None:
+        runner = self.runners.get(PortRef(event.hub, event.port))
+        if runner is None:
+            return
+        supervisor = self.supervisors[event.hub]
+        if not event.attached and Capability.ATTACH_SENSE in supervisor.capabilities:
+            runner.unplugged()
+
+    def _on_hub_link(self, hub: str, online: bool) -> None:
+        self.store.set_hub_status(hub, online)
+
+    async def _watch_devices(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async for event in self.services.backend.watch():
+                    failures = 0
+                    ref = self.topology.port_for(event.usb_path)
+                    if ref is None:
+                        self.log.debug("device_outside_bench", usb_path=event.usb_path)
+                        continue
+                    match event:
+                        case DeviceSeen():
+                            self.runners[ref].device_present(event)
+                        case DeviceGone():
+                            self.runners[ref].device_absent()
+            except (OSError, ConnectionError) as exc:
+                failures += 1
+                self.log.warning("device_watch_failed", error=str(exc), failures=failures)
+            await asyncio.sleep(backoff_delay(failures))
+
+    # ------------------------------------------------------------ operations
+
+    def ports(self) -> list[PortState]:
+        """Every port's state; after the station stopped, the state it stopped with."""
+        return self._final if self._final is not None else self.store.ports()
+
+    async def changed(self) -> None:
+        """Return after the next recorded change (a transition, progress or hub status)."""
+        self._changes.clear()
+        await self._changes.wait()
+
+    async def act(self, ref: PortRef, action: Action) -> str:
+        runner = self.runners.get(ref)
+        if runner is None:
+            raise KeyError(f"no port {ref} on this station")
+        return await runner.act(action)
+
+    # -------------------------------------------------------------------- run
+
+    @contextlib.asynccontextmanager
+    async def _broker(self) -> AsyncIterator[MqttEndpoint]:
+        mqtt = self.config.mqtt
+        if mqtt.embedded:
+            async with embedded_broker(mqtt.embedded_port) as (host, port):
+                self.log.info("embedded_broker_started", host=host, port=port)
+                yield MqttEndpoint(host, port)
+        else:
+            host, port = mqtt.host_port()
+            yield MqttEndpoint(host, port)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down cleanly: runners stop (their steps are recorded as
+        they stand, and resume from the store next time), the publisher drains and says offline."""
+        # Every log line of this station, including those of the tasks started below, names it.
+        structlog.contextvars.bind_contextvars(station=self.config.station.id)
+        plugged = plug_initial(self.world, self.config)
+        if plugged:
+            self.log.info("sim_devices_plugged", count=len(plugged))
+        recovered = self.store.recover()
+        if recovered:
+            self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
+        password = read_secret(self.config.mqtt.password_file) if self.config.mqtt.password_file else None
+        async with self._broker() as endpoint, asyncio.TaskGroup() as group:
+            self.mqtt = endpoint
+            mqtt_config = self.config.mqtt
+            if mqtt_config.embedded:
+                mqtt_config = mqtt_config.model_copy(
+                    update={"url": f"mqtt://{endpoint.host}:{endpoint.port}"}
+                )
+            self.publisher = MqttPublisher(
+                mqtt_config, self.topics, self.store, self.renderer, password=password
+            )
+            publisher_stop = asyncio.Event()
+            publisher = group.create_task(self.publisher.run(publisher_stop), name="mqtt publisher")
+            workers = [
+                *(group.create_task(r.run(), name=f"runner {r.ref}") for r in self.runners.values()),
+                *(group.create_task(s.run(), name=f"hub {s.hub_id}") for s in self.supervisors.values()),
+                group.create_task(self._watch_devices(), name="device watcher"),
+            ]
+            self.log.info(
+                "station_started",
+                station=self.config.station.id,
+                hubs=len(self.supervisors),
+                ports=len(self.runners),
+                mqtt=f"{endpoint.host}:{endpoint.port}",
+            )
+            self.ready.set()
+            await stop.wait()
+            self.log.info("station_stopping")
+            for task in workers:
+                task.cancel()
+            await asyncio.wait(workers)
+            publisher_stop.set()
+            await publisher
+        self._final = self.store.ports()
+        self.store.close()
+        self.log.info("station_stopped")

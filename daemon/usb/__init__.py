@@ -1,0 +1,1 @@
+"""The USB side of detection: which device sits on which physical port."""

@@ -1,0 +1,1 @@
+"""The per-port workflow: phases, steps, the port runner and operator actions."""

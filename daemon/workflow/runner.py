@@ -1,0 +1,512 @@
+"""PortRunner: everything that happens on one physical port.
+
+Each port has one long-lived runner task that handles its signals in order (device present, device
+absent, unplugged, operator action), so nothing about a port ever races with itself. The workflow
+for the device on the port runs as a child task: unplugging cancels it and records `interrupted`;
+the same device plugged back resumes where the store says it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from daemon.apple.base import AppleServiceError
+from daemon.config import WorkflowConfig
+from daemon.ios.base import DeviceError, DeviceInfo, DeviceMode, DeviceSeen
+from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, Transition
+from daemon.store import Store
+from daemon.workflow.actions import ALLOWED_IN, Action, ActionRejected
+from daemon.workflow.limits import Limits
+from daemon.workflow.phases import RUNNING, SETTLED, Phase
+from daemon.workflow.resume import Settled, index_of, resume_point
+from daemon.workflow.steps import DETECT, plan
+from daemon.workflow.steps.base import Check, CheckResult, Services, Step, StepContext, StepError
+
+PowerCycle = Callable[[int], Awaitable[None]]
+
+RETURN_GRACE = 60.0
+"""Seconds a step waits for a device that vanished mid-operation before counting the attempt as
+failed; a re-enumerating device comes back well within it, an unplugged one cancels the wait."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Present:
+    seen: DeviceSeen
+
+
+@dataclass(frozen=True, slots=True)
+class _Absent:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Unplugged:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Act:
+    action: Action
+    reply: asyncio.Future[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    task: asyncio.Task[None]
+
+
+_Signal = _Present | _Absent | _Unplugged | _Act | _Finished
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    code: str
+    message: str
+    retryable: bool
+    attention: bool = False
+
+
+def _classify(exc: BaseException, step: Step, timeout: float) -> _Failure:
+    if isinstance(exc, StepError):
+        return _Failure(exc.code, exc.message, exc.retryable, exc.attention)
+    if isinstance(exc, DeviceError | AppleServiceError):
+        return _Failure(exc.code, exc.message, exc.retryable, attention=not exc.retryable)
+    if isinstance(exc, TimeoutError):
+        return _Failure("timeout", f"{step.name} took longer than {timeout:g} s", retryable=True)
+    return _Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=False)
+
+
+def _matches(identity: DeviceIdentity | None, seen: DeviceSeen) -> bool:
+    if identity is None:
+        return False
+    if identity.ecid and seen.ecid:
+        return identity.ecid == seen.ecid
+    return identity.udid is not None and identity.udid == seen.udid
+
+
+@dataclass
+class _Progress:
+    at: float = 0.0
+    percent: int | None = None
+    detail: str | None = None
+
+
+class PortRunner:
+    def __init__(
+        self,
+        ref: PortRef,
+        store: Store,
+        services: Services,
+        workflow: WorkflowConfig,
+        limits: Limits,
+        *,
+        power_cycle: PowerCycle | None = None,
+    ) -> None:
+        self.ref = ref
+        self.store = store
+        self.services = services
+        self.workflow = workflow
+        self.limits = limits
+        self._power_cycle = power_cycle
+        self._plan = plan(workflow.steps)
+        self._inbox: asyncio.Queue[_Signal] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._presence: DeviceSeen | None = None
+        self._generation = 0
+        self._changed = asyncio.Event()
+        self._info: DeviceInfo | None = None
+        self._progress = _Progress()
+        self.log = structlog.get_logger("benchhub.port").bind(hub=ref.hub, port=ref.port)
+
+    # ------------------------------------------------------------ signals in
+
+    def device_present(self, seen: DeviceSeen) -> None:
+        self._inbox.put_nowait(_Present(seen))
+
+    def device_absent(self) -> None:
+        self._inbox.put_nowait(_Absent())
+
+    def unplugged(self) -> None:
+        self._inbox.put_nowait(_Unplugged())
+
+    async def act(self, action: Action) -> str:
+        """Carry out an operator action; raises `ActionRejected` with the reason if it does not apply."""
+        reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Act(action, reply))
+        return await reply
+
+    @property
+    def state(self) -> PortState:
+        return self.store.port(self.ref)
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    # -------------------------------------------------------------- the loop
+
+    async def run(self) -> None:
+        try:
+            while True:
+                signal = await self._inbox.get()
+                try:
+                    await self._handle(signal)
+                except Exception:  # a bug in one port must not stop the others
+                    self.log.exception("port_signal_failed", signal=type(signal).__name__)
+        finally:
+            await self._cancel_workflow()
+
+    async def _handle(self, signal: _Signal) -> None:
+        match signal:
+            case _Present(seen):
+                await self._on_present(seen)
+            case _Absent():
+                self._set_presence(None)
+            case _Unplugged():
+                await self._on_unplugged()
+            case _Act(action, reply):
+                try:
+                    result = await self._on_action(action)
+                except ActionRejected as exc:
+                    if not reply.done():
+                        reply.set_exception(exc)
+                else:
+                    if not reply.done():
+                        reply.set_result(result)
+            case _Finished(task):
+                if task is self._task:
+                    self._task = None
+
+    def _set_presence(self, seen: DeviceSeen | None) -> None:
+        self._presence = seen
+        if seen is not None:
+            self._generation += 1
+        self._changed.set()
+
+    async def _on_present(self, seen: DeviceSeen) -> None:
+        known = seen.udid is not None or seen.ecid is not None
+        if self._task is not None and known and not _matches(self._identity(), seen):
+            # A different device arrived faster than the hub noticed the old one leaving.
+            await self._interrupt("replaced by another device")
+        self._set_presence(seen)
+        if self._task is not None or seen.mode is not DeviceMode.NORMAL or seen.udid is None:
+            return
+        state = self.state
+        if state.phase in SETTLED:
+            if _matches(state.device, seen):
+                return  # the device already has its outcome (e.g. seen again after a restart)
+            self._record(Phase.EMPTY, detail="another device was plugged in")
+        self._start(seen)
+
+    async def _on_unplugged(self) -> None:
+        self._set_presence(None)
+        await self._interrupt("device unplugged")
+        state = self.state
+        if state.phase in SETTLED:
+            self._record(Phase.EMPTY, detail="device unplugged")
+        self._info = None
+
+    async def _interrupt(self, reason: str) -> None:
+        had_task = self._task is not None
+        await self._cancel_workflow()
+        state = self.state
+        if had_task and state.phase in RUNNING:
+            self._record(
+                Phase.INTERRUPTED,
+                step=state.step,
+                attempt=state.attempt,
+                detail=f"{reason} during {state.step}",
+            )
+
+    async def _cancel_workflow(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --------------------------------------------------------------- actions
+
+    async def _on_action(self, action: Action) -> str:
+        state = self.state
+        if state.phase not in ALLOWED_IN[action]:
+            raise ActionRejected(f"{action} does not apply to a port that is {state.phase}")
+        self.log.info("operator_action", action=action.value, phase=state.phase.value)
+        if action is Action.POWER_CYCLE:
+            if self._power_cycle is None:
+                raise ActionRejected("this hub cannot switch port power")
+            await self._power_cycle(self.ref.port)
+            return "port power-cycled"
+        if action is Action.ABORT:
+            await self._cancel_workflow()
+            self._record(
+                Phase.FAILED,
+                step=state.step,
+                attempt=state.attempt,
+                error=ErrorInfo("aborted", "aborted by an operator"),
+                actor="operator",
+            )
+            return "aborted"
+        seen = self._presence
+        if seen is None or seen.udid is None or seen.mode is not DeviceMode.NORMAL:
+            raise ActionRejected("no device is connected to this port")
+        step_name = state.step or (self._plan[0].name if self._plan else None)
+        if action is Action.RETRY:
+            await self._cancel_workflow()
+            self._start(seen, start=index_of(step_name, self._plan), forced=True)
+            return f"retrying {step_name}"
+        # SKIP
+        await self._cancel_workflow()
+        nxt = index_of(step_name, self._plan) + 1
+        self._start(seen, start=nxt, skipped_by_operator=step_name)
+        return f"skipped {step_name}"
+
+    # -------------------------------------------------------------- workflow
+
+    def _start(
+        self,
+        seen: DeviceSeen,
+        *,
+        start: int | None = None,
+        forced: bool = False,
+        skipped_by_operator: str | None = None,
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._workflow(seen, start, forced, skipped_by_operator), name=f"workflow {self.ref}"
+        )
+        task.add_done_callback(lambda t: self._inbox.put_nowait(_Finished(t)))
+        self._task = task
+
+    async def _workflow(
+        self, seen: DeviceSeen, start: int | None, forced: bool, skipped_by_operator: str | None
+    ) -> None:
+        structlog.contextvars.bind_contextvars(hub=self.ref.hub, port=self.ref.port, udid=seen.udid)
+        try:
+            await self._drive(seen, start, forced, skipped_by_operator)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not take the station down; the port says what happened
+            self.log.exception("workflow_crashed")
+            with contextlib.suppress(Exception):
+                state = self.state
+                self._record(
+                    Phase.FAILED,
+                    step=state.step,
+                    attempt=state.attempt,
+                    error=ErrorInfo("internal_error", f"{type(exc).__name__}: {exc}"),
+                )
+
+    def _context(self, seen: DeviceSeen, info: DeviceInfo | None) -> StepContext:
+        assert seen.udid is not None
+        return StepContext(
+            ref=self.ref,
+            udid=seen.udid,
+            info=info,
+            services=self.services,
+            workflow=self.workflow,
+            progress=self._report_progress,
+            presence_generation=lambda: self._generation,
+            wait_for_device=self._wait_for_device,
+            log=self.log,
+        )
+
+    async def _drive(
+        self, seen: DeviceSeen, start: int | None, forced: bool, skipped_by_operator: str | None
+    ) -> None:
+        ctx = self._context(seen, self._info if start is not None else None)
+        extra: dict[str, Any] = {}
+        actor = "workflow"
+        if skipped_by_operator is not None:
+            extra["skipped_by_operator"] = skipped_by_operator
+            actor = "operator"
+        if ctx.info is None:
+            identity = DeviceIdentity(udid=seen.udid, ecid=seen.ecid)
+            if not await self._execute(DETECT, ctx, identity=identity, extra=extra, actor=actor):
+                return
+            extra, actor = {"completed": {DETECT.name: self._last_detail}}, "workflow"
+            self._info = ctx.info
+        interrupted: str | None = None
+        if start is None:
+            key = ctx.device.identity().key
+            point = resume_point(self.store.device(key) if key else None, self._plan)
+            if isinstance(point, Settled):
+                self._record(point.phase, detail=point.detail, error=point.error, extra=extra)
+                return
+            start, interrupted = point.index, point.interrupted_step
+            if interrupted:
+                self.log.info("resuming", step=interrupted)
+        for i, step in enumerate(self._plan[start:]):
+            if not (forced and i == 0):
+                check = await self._check(step, ctx)
+                if check.outcome is Check.DONE:
+                    self.log.info("step_skipped", step=step.name, reason=check.reason)
+                    extra.setdefault("skipped", {})[step.name] = check.reason
+                    continue
+                if check.outcome is Check.UNKNOWN and interrupted == step.name and not step.safe_to_repeat:
+                    self._needs_attention_unknown(step, check, extra)
+                    return
+            if not await self._execute(step, ctx, extra=extra, actor=actor):
+                return
+            extra, actor = {"completed": {step.name: self._last_detail}}, "workflow"
+        self._record(Phase.DONE, detail="provisioned", extra=extra, actor=actor)
+
+    def _needs_attention_unknown(self, step: Step, check: CheckResult, extra: dict[str, Any]) -> None:
+        self._record(
+            Phase.NEEDS_ATTENTION,
+            step=step.name,
+            error=ErrorInfo(
+                "unknown_state",
+                f"{step.name} was interrupted and whether it took effect cannot be verified"
+                f" ({check.reason}); check the device, then retry or skip",
+            ),
+            extra=extra,
+        )
+
+    async def _check(self, step: Step, ctx: StepContext) -> CheckResult:
+        timeout = self.workflow.policy_for(step.name).timeout
+        try:
+            async with asyncio.timeout(min(timeout, 120.0)):
+                return await step.check(ctx)
+        except (StepError, DeviceError, AppleServiceError, TimeoutError) as exc:
+            failure = _classify(exc, step, timeout)
+            return CheckResult(Check.UNKNOWN, f"check failed: {failure.message}")
+
+    _last_detail: str | None = None
+
+    async def _execute(
+        self,
+        step: Step,
+        ctx: StepContext,
+        *,
+        identity: DeviceIdentity | None = None,
+        extra: dict[str, Any] | None = None,
+        actor: str = "workflow",
+    ) -> bool:
+        """Run one step with its timeout and retries; record every attempt. True when it succeeded."""
+        policy = self.workflow.policy_for(step.name)
+        attempts = policy.retries + 1
+        failure: _Failure | None = None
+        for attempt in range(1, attempts + 1):
+            if failure is not None and not step.safe_to_repeat:
+                # The failed attempt may have taken effect; only a proven absence allows another.
+                check = await self._check(step, ctx)
+                if check.outcome is Check.DONE:
+                    self._last_detail = check.reason
+                    return True
+                if check.outcome is Check.UNKNOWN:
+                    self._needs_attention_unknown(step, check, {})
+                    return False
+            self._record(
+                step.phase,
+                step=step.name,
+                attempt=attempt,
+                device=ctx.info.identity() if ctx.info else identity,
+                error=ErrorInfo(failure.code, failure.message) if failure else None,
+                detail=f"retry after {failure.code}" if failure else None,
+                extra=extra if attempt == 1 else None,
+                actor=actor if attempt == 1 else "workflow",
+            )
+            self._progress = _Progress()
+            generation = self._generation
+            try:
+                async with self.limits.slot(step.name, lambda: self._report_progress(None, "queued")):
+                    async with asyncio.timeout(policy.timeout):
+                        self._last_detail = await step.run(ctx)
+                return True
+            except (StepError, DeviceError, AppleServiceError, TimeoutError) as exc:
+                failure = _classify(exc, step, policy.timeout)
+            self.log.warning(
+                "step_failed", step=step.name, attempt=attempt, code=failure.code, error=failure.message
+            )
+            if not failure.retryable or attempt == attempts:
+                break
+            if failure.code == "device_gone":
+                with contextlib.suppress(TimeoutError):
+                    ctx.udid = await asyncio.wait_for(self._wait_for_device(generation), RETURN_GRACE)
+            await asyncio.sleep(policy.backoff * attempt)
+        assert failure is not None
+        self._record(
+            Phase.NEEDS_ATTENTION if failure.attention else Phase.FAILED,
+            step=step.name,
+            attempt=attempt,
+            error=ErrorInfo(failure.code, failure.message),
+        )
+        return False
+
+    async def _wait_for_device(self, after_generation: int) -> str:
+        """The UDID once the device has re-appeared in normal mode after `after_generation`."""
+        while True:
+            seen = self._presence
+            if (
+                self._generation > after_generation
+                and seen is not None
+                and seen.mode is DeviceMode.NORMAL
+                and seen.udid is not None
+            ):
+                return seen.udid
+            self._changed.clear()
+            await self._changed.wait()
+
+    # ------------------------------------------------------------- recording
+
+    def _identity(self) -> DeviceIdentity | None:
+        return self._info.identity() if self._info else self.state.device
+
+    def _record(
+        self,
+        phase: Phase,
+        *,
+        step: str | None = None,
+        attempt: int = 0,
+        device: DeviceIdentity | None = None,
+        error: ErrorInfo | None = None,
+        detail: str | None = None,
+        extra: dict[str, Any] | None = None,
+        actor: str = "workflow",
+    ) -> PortState:
+        state = self.store.record(
+            Transition(
+                ref=self.ref,
+                to=phase,
+                step=step,
+                attempt=attempt,
+                device=device,
+                error=error,
+                detail=detail,
+                actor=actor,
+                extra=extra or {},
+            )
+        )
+        structlog.contextvars.bind_contextvars(phase=phase.value)
+        log = self.log.warning if error else self.log.info
+        log(
+            "transition",
+            phase=phase.value,
+            step=step,
+            attempt=attempt,
+            udid=state.device.udid if state.device else None,
+            error=error.message if error else None,
+            detail=detail,
+            actor=actor,
+        )
+        return state
+
+    def _report_progress(self, percent: int | None, detail: str | None) -> None:
+        """Progress is throttled to one update a second per port, or a 5-point change, or a new detail;
+        phase changes are never throttled (they are transitions)."""
+        now = time.monotonic()
+        last = self._progress
+        changed_detail = detail is not None and detail != last.detail
+        jump = percent is not None and (last.percent is None or abs(percent - last.percent) >= 5)
+        final = percent == 100 and last.percent != 100
+        if not (changed_detail or jump or final or now - last.at >= 1.0):
+            return
+        self._progress = _Progress(now, percent, detail if detail is not None else last.detail)
+        self.store.set_progress(self.ref, percent, detail)

@@ -1,0 +1,98 @@
+"""What a step is: a phase, a check, an action, and a promise about repeating it.
+
+`check` asks the world whether the step's effect is already in place: before a first run (an iOS
+version that is already new enough needs no update) and, above all, after an interruption. A step
+that is `safe_to_repeat` is simply run again after a crash or an unplug. A step that is not (a
+restore in flight, a provisional enrollment, applying the cloud configuration) is re-run only when
+`check` proves its effect is absent; when the check cannot tell, the port goes to
+`needs_attention` and a person decides. Nothing half-done is ever silently repeated.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import structlog
+
+from daemon.apple.base import AssignmentSource, Enroller
+from daemon.config import WorkflowConfig
+from daemon.ios.base import DeviceBackend, DeviceInfo, FirmwareSource, ProgressFn
+from daemon.models import PortRef
+from daemon.workflow.phases import Phase
+
+
+class Check(enum.Enum):
+    DONE = "done"  # the effect is in place; skip the step
+    NEEDED = "needed"  # the effect is provably absent; running the step is not a repeat
+    UNKNOWN = "unknown"  # cannot tell
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    outcome: Check
+    reason: str = ""
+
+
+class StepError(Exception):
+    """A step failed. `retryable` errors are retried per the step's policy; `attention` errors send
+    the port to `needs_attention` (a person must act) instead of `failed`."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = True, attention: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.attention = attention
+
+
+@dataclass
+class Services:
+    """The collaborators steps use; the station builds them, steps never construct them."""
+
+    backend: DeviceBackend
+    firmware: FirmwareSource
+    enroller: Enroller
+    assignment: AssignmentSource
+
+
+@dataclass
+class StepContext:
+    ref: PortRef
+    udid: str
+    info: DeviceInfo | None
+    services: Services
+    workflow: WorkflowConfig
+    progress: ProgressFn
+    presence_generation: Callable[[], int]
+    wait_for_device: Callable[[int], Awaitable[str]]
+    """`await wait_for_device(generation)`: the UDID once the device is back in normal mode after
+    the given presence generation (it re-enumerates during erase and restore)."""
+    log: structlog.stdlib.BoundLogger
+
+    @property
+    def device(self) -> DeviceInfo:
+        if self.info is None:
+            raise StepError("not_detected", "the device has not been identified yet")
+        return self.info
+
+    async def refresh(self) -> DeviceInfo:
+        self.info = await self.services.backend.info(self.udid)
+        return self.info
+
+
+class Step(abc.ABC):
+    name: ClassVar[str]
+    phase: ClassVar[Phase]
+    safe_to_repeat: ClassVar[bool]
+
+    async def check(self, ctx: StepContext) -> CheckResult:
+        """Default: nothing to verify, so the step runs."""
+        return CheckResult(Check.NEEDED)
+
+    @abc.abstractmethod
+    async def run(self, ctx: StepContext) -> str | None:
+        """Do the work; return a short detail for the history (or None), raise `StepError`."""

@@ -1,0 +1,42 @@
+"""update: restore the device to firmware that satisfies the configured minimum iOS version."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from daemon.versions import at_least
+from daemon.workflow.phases import Phase
+from daemon.workflow.steps.base import Check, CheckResult, Step, StepContext, StepError
+
+
+class UpdateStep(Step):
+    name: ClassVar[str] = "update"
+    phase: ClassVar[Phase] = Phase.UPDATING
+    # A restore in flight is never silently restarted: `check` (the version the device reports after
+    # a fresh detect) decides whether the interrupted restore took effect.
+    safe_to_repeat: ClassVar[bool] = False
+
+    async def check(self, ctx: StepContext) -> CheckResult:
+        version, minimum = ctx.device.ios_version, ctx.workflow.minimum_ios
+        if at_least(version, minimum):
+            return CheckResult(Check.DONE, f"iOS {version} already satisfies minimum {minimum}")
+        return CheckResult(Check.NEEDED, f"iOS {version} is below minimum {minimum}")
+
+    async def run(self, ctx: StepContext) -> str | None:
+        device, minimum = ctx.device, ctx.workflow.minimum_ios
+        target = await ctx.services.firmware.target_for(device.product_type, minimum)
+        if target is None:
+            raise StepError(
+                "unsupported_device",
+                f"no firmware for {device.product_type} satisfies iOS {minimum}",
+                retryable=False,
+                attention=True,
+            )
+        before = device.ios_version
+        generation = ctx.presence_generation()
+        await ctx.services.backend.update(ctx.udid, target, erase=False, progress=ctx.progress)
+        ctx.udid = await ctx.wait_for_device(generation)
+        after = await ctx.refresh()
+        if not at_least(after.ios_version, minimum):
+            raise StepError("update_not_applied", f"device still reports iOS {after.ios_version}")
+        return f"iOS {before} -> {after.ios_version} ({after.build})"

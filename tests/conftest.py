@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Mosquitto per test, and a simulated station running at high speed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import Config, parse_config
+from daemon.sim.demo import DemoOptions, demo_config
+from daemon.sim.world import SimWorld
+from daemon.station import Station, build_sim_world
+from tests.mqtt_broker import Mosquitto, mosquitto_fixture
+
+__all__ = ["mosquitto_fixture"]
+
+FAST = 2000.0
+"""Simulated speed for tests: a device's whole workflow takes well under a second."""
+
+
+def station_config(
+    state_dir: Path,
+    broker: Mosquitto,
+    *,
+    devices: int = 8,
+    ports: int = 8,
+    speed: float = FAST,
+    workflow: dict[str, Any] | None = None,
+    sim: dict[str, Any] | None = None,
+) -> Config:
+    """The demo configuration (speed-scaled timeouts), pointed at the test's Mosquitto."""
+    base = demo_config(
+        DemoOptions(devices=devices, ports_per_hub=ports, speed=speed, mqtt_url=broker.url), state_dir
+    )
+    data = base.model_dump(mode="json", exclude_none=True)
+    data["workflow"].update(workflow or {})
+    data["sim"].update(sim or {})
+    return parse_config(data, state_dir)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, world: SimWorld | None = None) -> AsyncIterator[Station]:
+    """A station running in the background of the test; stopped cleanly on exit."""
+    station = Station(config, world)
+    stop = asyncio.Event()
+    task = asyncio.create_task(station.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            ready = asyncio.create_task(station.ready.wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()  # raise the startup error
+        yield station
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            await task
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 20.0, what: str = "condition") -> None:
+    """Poll until `predicate()` holds; fail the test with `what` if it never does."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def world_for() -> Callable[[Config], SimWorld]:
+    return build_sim_world

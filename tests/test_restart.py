@@ -1,0 +1,138 @@
+"""Restarts: a stopped or killed daemon loses nothing, and never repeats an unsafe step's effect."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.config import load_config
+from daemon.sim.devices import SimDevice
+from daemon.station import build_sim_world
+from daemon.workflow.phases import RUNNING, Phase
+from tests.conftest import eventually, running, station_config
+from tests.mqtt_broker import Mosquitto
+
+UNSAFE = ("update", "enroll", "setup")  # steps declared not safe to repeat
+
+
+def assert_no_unsafe_effect_twice(devices: list[SimDevice]) -> None:
+    for device in devices:
+        for op in UNSAFE:
+            assert device.completed[op] <= 1, (device.serial, op, dict(device.completed))
+        assert device.completed["enroll"] == 1
+        assert device.completed["setup"] == 1
+
+
+async def test_stop_mid_run_and_restart_finishes_every_device(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = station_config(tmp_path, mosquitto, devices=8, speed=400)
+    async with running(config) as station:
+        await eventually(
+            lambda: sum(s.phase in RUNNING and s.phase is not Phase.DETECTED for s in station.ports()) >= 4,
+            what="several ports mid-workflow",
+        )
+        stopped_in = {s.ref: s.phase for s in station.ports()}
+    assert any(p in RUNNING for p in stopped_in.values()), stopped_in
+
+    world = build_sim_world(config)  # the same bench: devices still plugged, with what was done to them
+    assert len(world.devices) == 8
+    async with running(config, world) as station:
+        await eventually(
+            lambda: all(s.phase is Phase.DONE for s in station.ports()),
+            within=30,
+            what="all done after restart",
+        )
+        recovery = [h for h in station.store.history() if h.actor == "recovery"]
+        assert {h.ref for h in recovery} == {ref for ref, p in stopped_in.items() if p in RUNNING}
+        assert all(h.phase is Phase.INTERRUPTED for h in recovery)
+        assert_no_unsafe_effect_twice(list(world.devices.values()))
+
+
+STATION_TOML = """
+[station]
+id = "killtest"
+
+[[hubs]]
+id = "hub-a"
+kind = "sim"
+ports = 8
+poll_interval = 0.05
+
+[workflow]
+minimum_ios = "18.0"
+mdm_server = "benchhub MDM"
+assignment_poll_interval = 0.05
+
+[workflow.policy.update]
+timeout = 30
+backoff = 0.05
+
+[mqtt]
+url = "{url}"
+
+[storage]
+path = "bench.sqlite3"
+
+[logging]
+format = "json"
+
+[sim]
+speed = 500
+devices = 8
+state_file = "world.json"
+"""
+
+
+def phases(db: Path) -> list[str]:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return [r[0] for r in conn.execute("SELECT phase FROM ports ORDER BY hub, port")]
+    except sqlite3.OperationalError:
+        return []
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_run_then_restart(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = tmp_path / "station.toml"
+    config.write_text(STATION_TOML.format(url=mosquitto.url))
+    db = tmp_path / "bench.sqlite3"
+    cmd = [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+    log = (tmp_path / "daemon.log").open("ab")
+    first = subprocess.Popen(cmd, stdout=log, stderr=log)
+    try:
+        wait_until(
+            lambda: (
+                sum(p in {"erasing", "enrolling", "awaiting_assignment", "setting_up"} for p in phases(db))
+                >= 3
+            ),
+            20,
+            "ports mid-workflow",
+        )
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    killed_at = phases(db)
+    assert any(p not in {"done", "empty"} for p in killed_at), killed_at
+
+    second = subprocess.Popen(cmd, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: phases(db) == ["done"] * 8, 30, "all ports done after the restart")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+    world = build_sim_world(load_config(config))
+    assert_no_unsafe_effect_twice(list(world.devices.values()))
+    with sqlite3.connect(db) as conn:
+        actors = {r[0] for r in conn.execute("SELECT actor FROM history")}
+    assert "recovery" in actors
