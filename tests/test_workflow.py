@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from daemon.models import PortRef
+from daemon.sim.devices import make_device
 from daemon.sim.faults import Fault, FaultKind
 from daemon.station import Station, build_sim_world
 from daemon.workflow.actions import Action, ActionRejected
 from daemon.workflow.phases import Phase
+from daemon.workflow.steps.base import StepContext
+from daemon.workflow.steps.enroll import EnrollStep
 from tests.conftest import eventually, running, station_config
 from tests.mqtt_broker import Mosquitto
 
@@ -200,3 +203,61 @@ async def test_operator_abort_skip_and_power_cycle(tmp_path: Path, mosquitto: Mo
         assert rows[0].actor == "operator"
         assert rows[0].extra["skipped_by_operator"] == "assign"
         assert rows[0].phase is Phase.SETTING_UP
+
+
+async def test_a_device_that_cannot_reach_the_minimum_needs_attention(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = station_config(tmp_path, mosquitto, devices=0, workflow={"minimum_ios": "18.0"})
+    world = build_sim_world(config)
+    # An iPhone 8: its last iOS is 16.
+    iphone8 = next(d for i in range(1000) if (d := make_device(seed=1, index=i)).product_type == "iPhone10,4")
+    world.plug(A1, iphone8)
+    async with running(config, world) as station:
+        await eventually(
+            lambda: station.store.port(A1).phase is Phase.NEEDS_ATTENTION, what="needs attention"
+        )
+        state = station.store.port(A1)
+        assert state.step == "update"
+        assert state.error is not None
+        assert state.error.code == "unsupported_device"
+        assert "iPhone10,4" in state.error.message
+        assert iphone8.completed["erase"] == 0  # nothing destructive happened
+
+
+async def test_a_bug_in_a_step_fails_that_port_only(
+    tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = station_config(tmp_path, mosquitto, devices=3)
+    original = EnrollStep.run
+
+    async def broken_on_port_2(self: EnrollStep, ctx: StepContext) -> str | None:
+        if ctx.ref.port == 2:
+            raise KeyError("a bug")
+        return await original(self, ctx)
+
+    monkeypatch.setattr(EnrollStep, "run", broken_on_port_2)
+    async with running(config) as station:
+        a2 = PortRef("hub-a", 2)
+        await eventually(
+            lambda: (
+                station.store.port(a2).phase is Phase.FAILED
+                and all(station.store.port(PortRef("hub-a", n)).phase is Phase.DONE for n in (1, 3))
+            ),
+            what="port 2 failed, the others done",
+        )
+        error = station.store.port(a2).error
+        assert error is not None
+        assert error.code == "internal_error"
+        assert "KeyError" in error.message
+
+
+async def test_hub_link_outage_is_reported_and_recovered(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = station_config(tmp_path, mosquitto, devices=1)
+    async with running(config) as station:
+        await eventually(lambda: station.store.hub_statuses().get("hub-a") is True, what="hub online")
+        station.world.hubs["hub-a"].online = False
+        await eventually(lambda: station.store.hub_statuses()["hub-a"] is False, what="hub offline")
+        station.world.hubs["hub-a"].online = True
+        await eventually(lambda: station.store.hub_statuses()["hub-a"] is True, within=10, what="hub back")
+        await eventually(lambda: all_done(station), what="the device finished regardless")

@@ -89,24 +89,25 @@ def plug_initial(world: SimWorld, config: Config) -> list[PortRef]:
 async def technician(
     world: SimWorld, config: Config, ports: Callable[[], list[PortState]], *, dwell: float = 4.0
 ) -> None:
-    """What the person at the bench does in the live demo: take finished devices off after a few
-    seconds and plug fresh ones in, so the board keeps moving."""
-    settled_since: dict[PortRef, float] = {}
+    """What the person at the bench does in the live demo: take finished devices off after `dwell`
+    seconds and plug a fresh one into an empty port after half that, so the board keeps moving."""
+    waiting_since: dict[tuple[PortRef, Phase], float] = {}
     loop = asyncio.get_running_loop()
     while True:
         now = loop.time()
         for state in ports():
-            ref = state.ref
-            if state.phase in SETTLED or state.phase is Phase.INTERRUPTED:
-                since = settled_since.setdefault(ref, now)
-                if now - since >= dwell:
-                    world.unplug(ref)
-                    settled_since.pop(ref, None)
-            else:
-                settled_since.pop(ref, None)
-            if state.phase is Phase.EMPTY and world.slots[ref].device is None:
-                since = settled_since.setdefault(ref, now)
-                if now - since >= dwell / 2:
-                    world.plug(ref, world.new_device(minimum_major(config)))
-                    settled_since.pop(ref, None)
+            ref, phase = state.ref, state.phase
+            finished = phase in SETTLED or phase is Phase.INTERRUPTED
+            free = phase is Phase.EMPTY and world.slots[ref].device is None
+            if not (finished or free):
+                continue
+            since = waiting_since.setdefault((ref, phase), now)
+            if finished and now - since >= dwell:
+                world.unplug(ref)
+            elif free and now - since >= dwell / 2:
+                world.plug(ref, world.new_device(minimum_major(config)))
+        current = {(s.ref, s.phase) for s in ports()}
+        for key in list(waiting_since):
+            if key not in current:
+                del waiting_since[key]
         await asyncio.sleep(0.25)
