@@ -24,6 +24,7 @@ from daemon.logs import configure_logging
 from daemon.models import PortState
 from daemon.mqtt.broker import BrokerUnavailable
 from daemon.mqtt.payloads import state_document
+from daemon.report import DeviceOutcome, outcomes, render_outcomes
 from daemon.sim.demo import DemoOptions, demo_config, technician
 from daemon.station import Station
 from daemon.store import Store, StoreError
@@ -212,9 +213,10 @@ async def _until_done(station: Station, give_up_after: float, state_dir: Path, o
                 await station.changed()
     took = time.monotonic() - started
     states = station.ports()
+    rows = outcomes(station.store, states)
     stop.set()
     await running
-    print(_summary_table(states, took), file=out)
+    print(_summary(rows, took), file=out)
     if not finished:
         print(
             f"benchhub: not every device finished within {give_up_after:g} s (see {state_dir}/benchhub.log)",
@@ -229,18 +231,9 @@ def _all_settled(states: list[PortState]) -> bool:
     return bool(occupied) and all(s.phase in SETTLED for s in occupied)
 
 
-def _summary_table(states: list[PortState], took: float) -> str:
-    lines = [f"{'PORT':<10} {'MODEL':<12} {'SERIAL':<13} {'iOS':<8} {'OUTCOME':<16} {'ATTEMPT':>8}  NOTE"]
-    occupied = [s for s in states if s.device is not None]
-    for s in occupied:
-        d = s.device
-        assert d is not None
-        note = f"{s.error.code}: {s.error.message}" if s.error else (s.detail or "")
-        lines.append(
-            f"{s.ref!s:<10} {d.product_type or '?':<12} {d.serial or '?':<13} {d.ios_version or '?':<8} "
-            f"{s.phase.value:<16} {s.attempt:>8}  {note}"
-        )
-    done = sum(1 for s in occupied if s.phase is Phase.DONE)
-    lines.append("")
-    lines.append(f"{len(occupied)} devices: {summary(occupied)}; {done}/{len(occupied)} done in {took:.1f} s")
-    return "\n".join(lines)
+def _summary(rows: list[DeviceOutcome], took: float) -> str:
+    done = sum(1 for r in rows if r.phase is Phase.DONE)
+    counts = summary(PortState(r.ref, r.phase) for r in rows)
+    return (
+        f"{render_outcomes(rows)}\n\n{len(rows)} devices: {counts}; {done}/{len(rows)} done in {took:.1f} s"
+    )

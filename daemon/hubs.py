@@ -9,15 +9,14 @@ does not flood the operator's log.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from daemon.backoff import backoff_delay
 from hubdrivers.base import Capability, HubDriver, HubError, HubInfo, PortMode, PortStatus
 
-MAX_BACKOFF = 30.0
 POLL_TIMEOUT = 10.0
 POWER_OFF_SECONDS = 2.0
 
@@ -28,12 +27,6 @@ class PortEvent:
     port: int
     attached: bool
     status: PortStatus
-
-
-def backoff_delay(failures: int) -> float:
-    """1.8^n seconds, capped, with ±20 % jitter so a station's hubs don't reconnect in lockstep."""
-    base: float = min(1.8 ** min(failures, 10), MAX_BACKOFF)
-    return base * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not cryptography
 
 
 class HubSupervisor:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from daemon.backoff import backoff_delay
 from daemon.config import Config, read_secret
-from daemon.hubs import HubSupervisor, PortEvent, backoff_delay
+from daemon.hubs import HubSupervisor, PortEvent
 from daemon.ios.base import DeviceGone, DeviceSeen
 from daemon.models import PortRef, PortState
 from daemon.mqtt.broker import embedded_broker

@@ -62,13 +62,13 @@ async def running(config: Config, world: SimWorld | None = None) -> AsyncIterato
             await task
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 20.0, what: str = "condition") -> None:
-    """Poll until `predicate()` holds; fail the test with `what` if it never does."""
+async def eventually(predicate: Callable[[], bool], what: str = "condition", within: float = 20.0) -> None:
+    """Poll until `predicate()` holds; fail the test, naming `what`, if it does not within `within` s."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ def test_demo_until_done_with_the_embedded_broker(tmp_path: Path) -> None:
     assert lines[0].startswith("benchhub demo - simulated station 'demo'")
     rows = [line for line in lines if line.startswith("hub-a/")]
     assert len(rows) == 8
-    assert all(" done " in row for row in rows)
+    assert all(" done " in row for row in rows), rows
+    assert any(" -> " in row for row in rows), "some devices were updated (iOS before -> after)"
     assert "8/8 done" in lines[-1]
     log = (tmp_path / "benchhub.log").read_text()
     assert "embedded_broker_started" in log

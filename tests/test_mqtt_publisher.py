@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from daemon.mqtt.publisher import MqttPublisher, cancel_and_wait
 from daemon.mqtt.topics import Topics
 from daemon.store import Store
 from daemon.workflow.phases import Phase
+from tests.conftest import eventually
 from tests.mqtt_broker import (  # noqa: F401 - mosquitto_fixture provides the `mosquitto` fixture
     Mosquitto,
     free_port,
@@ -69,14 +70,6 @@ async def running(publisher: MqttPublisher) -> AsyncIterator[asyncio.Event]:
         except TimeoutError:
             task.cancel()
             pytest.fail("publisher did not return within 5 s of stop")
-
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 def walk(store: Store, ref: PortRef, *phases: Phase) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 from collections.abc import Coroutine
 from typing import Any, Final
@@ -25,6 +24,7 @@ from typing import Any, Final
 import aiomqtt
 import structlog
 
+from daemon.backoff import backoff_delay
 from daemon.config import MqttConfig, TlsConfig, read_secret
 from daemon.models import OutboxMessage
 from daemon.mqtt.payloads import PayloadRenderer
@@ -35,8 +35,6 @@ log = structlog.get_logger("benchhub.mqtt")
 
 BATCH: Final = 200
 """Outbox rows read (and acked) per round trip to SQLite."""
-BACKOFF_BASE: Final = 1.8
-BACKOFF_CAP: Final = 30.0
 """Seconds; min(1.8**tries, 30) like aioesphomeapi, so a broker back after a restart is found within
 a second or two, and a long outage costs one attempt per half minute."""
 STOP_DRAIN_SECONDS: Final = 2.0
@@ -61,13 +59,6 @@ def tls_context(tls: TlsConfig | None) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def backoff_delay(tries: int) -> float:
-    """Seconds before reconnect attempt number `tries` (0-based), with ±20 % jitter so that the
-    stations of a room do not all reconnect to a restarted broker in the same instant."""
-    delay: float = min(BACKOFF_BASE ** min(tries, 10), BACKOFF_CAP)
-    return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not cryptography
 
 
 class _ConnectionLost(aiomqtt.MqttError):

@@ -330,8 +330,10 @@ class PortRunner:
             identity = DeviceIdentity(udid=seen.udid, ecid=seen.ecid)
             if not await self._execute(DETECT, ctx, identity=identity, extra=extra, actor=actor):
                 return
-            extra, actor = {"completed": {DETECT.name: self._last_detail}}, "workflow"
-            self._info = ctx.info
+            self._info = ctx.device
+            # The device as found, before anything changed it: the audit trail's "before" column.
+            extra = {"completed": {DETECT.name: self._last_detail}, "found": ctx.device.identity().as_dict()}
+            actor = "workflow"
         interrupted: str | None = None
         if start is None:
             key = ctx.device.identity().key
