@@ -14,7 +14,7 @@ import pytest
 from daemon.config import Config, parse_config
 from daemon.sim.demo import DemoOptions, demo_config
 from daemon.sim.world import SimWorld
-from daemon.station import Station, build_sim_world
+from daemon.station import Station
 from tests.mqtt_broker import Mosquitto, mosquitto_fixture
 
 __all__ = ["mosquitto_fixture"]
@@ -69,8 +69,3 @@ async def eventually(predicate: Callable[[], bool], what: str = "condition", wit
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within:g} s waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def world_for() -> Callable[[Config], SimWorld]:
-    return build_sim_world

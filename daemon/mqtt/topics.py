@@ -36,6 +36,3 @@ class Topics:
 
     def port_event(self, ref: PortRef) -> str:
         return f"{self.port(ref)}/event"
-
-    def port_set(self, ref: PortRef) -> str:
-        return f"{self.port(ref)}/set"

@@ -123,6 +123,7 @@ class PortRunner:
         self._changed = asyncio.Event()
         self._info: DeviceInfo | None = None
         self._progress = _Progress()
+        self._last_detail: str | None = None  # what the last successful step reported, for the history
         self.log = structlog.get_logger("benchhub.port").bind(hub=ref.hub, port=ref.port)
 
     # ------------------------------------------------------------ signals in
@@ -145,10 +146,6 @@ class PortRunner:
     @property
     def state(self) -> PortState:
         return self.store.port(self.ref)
-
-    @property
-    def busy(self) -> bool:
-        return self._task is not None
 
     # -------------------------------------------------------------- the loop
 
@@ -379,8 +376,6 @@ class PortRunner:
         except (StepError, DeviceError, AppleServiceError, TimeoutError) as exc:
             failure = _classify(exc, step, timeout)
             return CheckResult(Check.UNKNOWN, f"check failed: {failure.message}")
-
-    _last_detail: str | None = None
 
     async def _execute(
         self,
