@@ -158,7 +158,9 @@ class PortRunner:
                 except Exception:  # a bug in one port must not stop the others
                     self.log.exception("port_signal_failed", signal=type(signal).__name__)
         finally:
-            await self._cancel_workflow()
+            # The daemon is stopping: say so in the history now, rather than leave the port looking
+            # busy until the next start. The device keeps its step and resumes from it.
+            await self._interrupt("daemon stopped", actor="recovery")
 
     async def _handle(self, signal: _Signal) -> None:
         match signal:
@@ -210,7 +212,7 @@ class PortRunner:
             self._record(Phase.EMPTY, detail="device unplugged")
         self._info = None
 
-    async def _interrupt(self, reason: str) -> None:
+    async def _interrupt(self, reason: str, actor: str = "workflow") -> None:
         had_task = self._task is not None
         await self._cancel_workflow()
         state = self.state
@@ -220,6 +222,7 @@ class PortRunner:
                 step=state.step,
                 attempt=state.attempt,
                 detail=f"{reason} during {state.step}",
+                actor=actor,
             )
 
     async def _cancel_workflow(self) -> None:
