@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
 from daemon.backoff import backoff_delay
-from hubdrivers.base import Capability, HubDriver, HubError, HubInfo, PortMode, PortStatus
+from hubdrivers.base import (
+    Capability,
+    HubDriver,
+    HubError,
+    HubInfo,
+    PortEvent,
+    PortEventKind,
+    PortMode,
+    PortStatus,
+    diff_ports,
+)
 
 POLL_TIMEOUT = 10.0
 POWER_OFF_SECONDS = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class PortEvent:
-    hub: str
-    port: int
-    attached: bool
-    status: PortStatus
 
 
 class HubSupervisor:
@@ -35,7 +36,7 @@ class HubSupervisor:
         hub_id: str,
         make_driver: Callable[[], HubDriver],
         poll_interval: float,
-        on_port: Callable[[PortEvent], None],
+        on_port: Callable[[str, PortEvent], None],
         on_link: Callable[[str, bool], None],
     ) -> None:
         self.hub_id = hub_id
@@ -46,6 +47,7 @@ class HubSupervisor:
         self._driver: HubDriver | None = None
         self._known: dict[int, PortStatus] = {}
         self.info: HubInfo | None = None
+        self.port_paths: dict[int, str] = {}
         self.online = False
         self.log = structlog.get_logger("benchhub.hub").bind(hub=hub_id)
 
@@ -59,6 +61,7 @@ class HubSupervisor:
             driver = self._make_driver()
             try:
                 self.info = await driver.open()
+                self.port_paths = await driver.port_paths()
                 self._driver = driver
                 self._set_online(True)
                 if failures:
@@ -85,11 +88,16 @@ class HubSupervisor:
             await asyncio.sleep(self._poll_interval)
 
     def _diff(self, statuses: list[PortStatus]) -> None:
-        for status in statuses:
-            before = self._known.get(status.port)
-            self._known[status.port] = status
-            if before is None or before.attached != status.attached:
-                self._on_port(PortEvent(self.hub_id, status.port, status.attached, status))
+        for event in diff_ports(self._known, statuses):
+            if event.kind is PortEventKind.ALARMS:
+                self.log.warning(
+                    "port_alarms", port=event.port, alarms=sorted(event.status.alarms) or "cleared"
+                )
+            self._on_port(self.hub_id, event)
+        self._known = {status.port: status for status in statuses}
+
+    def port_status(self, port: int) -> PortStatus | None:
+        return self._known.get(port)
 
     def _set_online(self, online: bool) -> None:
         if online != self.online:

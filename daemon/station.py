@@ -16,7 +16,7 @@ import structlog
 
 from daemon.backoff import backoff_delay
 from daemon.config import Config, read_secret
-from daemon.hubs import HubSupervisor, PortEvent
+from daemon.hubs import HubSupervisor
 from daemon.ios.base import DeviceGone, DeviceSeen
 from daemon.models import PortRef, PortState
 from daemon.mqtt.broker import embedded_broker
@@ -33,7 +33,7 @@ from daemon.workflow.actions import Action
 from daemon.workflow.limits import Limits
 from daemon.workflow.runner import PortRunner
 from daemon.workflow.steps.base import Services
-from hubdrivers.base import Capability, HubDriver
+from hubdrivers.base import Capability, HubDriver, PortEvent, PortEventKind
 from hubdrivers.sim import SimHubDriver
 
 
@@ -108,12 +108,12 @@ class Station:
 
     # ---------------------------------------------------------------- events
 
-    def _on_port_event(self, event: PortEvent) -> None:
-        runner = self.runners.get(PortRef(event.hub, event.port))
+    def _on_port_event(self, hub: str, event: PortEvent) -> None:
+        runner = self.runners.get(PortRef(hub, event.port))
         if runner is None:
             return
-        supervisor = self.supervisors[event.hub]
-        if not event.attached and Capability.ATTACH_SENSE in supervisor.capabilities:
+        supervisor = self.supervisors[hub]
+        if event.kind is PortEventKind.DETACHED and Capability.ATTACH_SENSE in supervisor.capabilities:
             runner.unplugged()
 
     def _on_hub_link(self, hub: str, online: bool) -> None:

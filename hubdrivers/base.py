@@ -1,14 +1,16 @@
 """The contract every hub family implements.
 
 A driver knows bytes and hardware; it never imports the daemon. It reports what the hub can see
-(`PortStatus` snapshots) and carries out what the hub can do (`set_mode`, `set_led`). Turning
-snapshots into events, reconnecting, and deciding what a change means are the daemon's job.
+(`PortStatus` snapshots) and carries out what the hub can do (`set_mode`, `set_led`). `diff_ports`
+turns two snapshots into `PortEvent`s, the same way for every family. Reconnecting and deciding what
+a change means for a workflow are the daemon's job.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +28,27 @@ class Capability(enum.StrEnum):
 class PortMode(enum.StrEnum):
     CHARGE = "charge"
     SYNC = "sync"
+    BIASED = "biased"  # Cambrionix: powered with all charge profiles disabled
     OFF = "off"
+
+
+class ChargeState(enum.StrEnum):
+    """Where a port in charge mode is (Cambrionix flags I, P, C, F)."""
+
+    IDLE = "idle"
+    PROFILING = "profiling"
+    CHARGING = "charging"
+    FINISHED = "finished"
+
+
+class PortAlarm(enum.StrEnum):
+    """Conditions a hub flags on a port. None of them means the device left."""
+
+    PORT_ERROR = "port_error"  # Cambrionix `e`: the port will not detect or charge a device
+    HUB_ERROR = "hub_error"  # Cambrionix `E`: under/over-voltage or over-temperature (see health)
+    THEFT = "theft"  # Cambrionix `T`: a device was removed while the security system was armed
+    REBOOTED = "rebooted"  # Cambrionix `R`: the hub rebooted and lost volatile settings (until crf)
+    RESETTING = "resetting"  # Cambrionix `r`: VBUS is being reset during a mode change
 
 
 class LedPattern(enum.StrEnum):
@@ -44,6 +66,7 @@ class HubInfo:
     firmware: str
     serial: str
     port_count: int
+    capabilities: frozenset[Capability] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +77,55 @@ class PortStatus:
     attached: bool
     mode: PortMode = PortMode.SYNC
     current_ma: int = 0
-    errors: frozenset[str] = frozenset()
+    charge: ChargeState | None = None
+    alarms: frozenset[PortAlarm] = frozenset()
+    voltage_mv: int | None = None
+    energy_wh: float | None = None
+
+
+class PortEventKind(enum.StrEnum):
+    ATTACHED = "attached"
+    DETACHED = "detached"
+    MODE = "mode"
+    CURRENT = "current"
+    ALARMS = "alarms"
+
+
+@dataclass(frozen=True, slots=True)
+class PortEvent:
+    port: int
+    kind: PortEventKind
+    status: PortStatus
+    previous: PortStatus | None
+
+
+CURRENT_STEP_MA = 100
+"""A current change smaller than this is noise, not an event (charging currents wander constantly)."""
+
+
+def diff_ports(
+    before: Mapping[int, PortStatus], after: Iterable[PortStatus], current_step_ma: int = CURRENT_STEP_MA
+) -> list[PortEvent]:
+    """Events that take a hub from snapshot `before` to snapshot `after`.
+
+    A port seen for the first time yields ATTACHED or DETACHED, so a freshly opened hub tells the
+    daemon the truth about every port. Alarms are reported on their own and never as a detach.
+    """
+    events = []
+    for status in after:
+        old = before.get(status.port)
+        if old is None or old.attached != status.attached:
+            kind = PortEventKind.ATTACHED if status.attached else PortEventKind.DETACHED
+            events.append(PortEvent(status.port, kind, status, old))
+            if old is None:
+                continue
+        if old.mode != status.mode:
+            events.append(PortEvent(status.port, PortEventKind.MODE, status, old))
+        if old.alarms != status.alarms:
+            events.append(PortEvent(status.port, PortEventKind.ALARMS, status, old))
+        if abs(old.current_ma - status.current_ma) >= current_step_ma:
+            events.append(PortEvent(status.port, PortEventKind.CURRENT, status, old))
+    return events
 
 
 class HubError(Exception):
@@ -66,7 +137,11 @@ class HubDriver(abc.ABC):
     failure builds a fresh one, so a driver never needs to repair its own half-broken state."""
 
     kind: ClassVar[str]
-    capabilities: ClassVar[frozenset[Capability]]
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> frozenset[Capability]:
+        """What this hub can do; may depend on the model found by `open`."""
 
     @abc.abstractmethod
     async def open(self) -> HubInfo:
@@ -79,6 +154,13 @@ class HubDriver(abc.ABC):
     @abc.abstractmethod
     async def poll(self) -> list[PortStatus]:
         """Return the status of every port; raise `HubError` when the link is gone."""
+
+    async def port_paths(self) -> dict[int, str]:
+        """Physical port number -> USB path below the hub's upstream port (e.g. `{15: "2.1"}`).
+
+        The default suits hubs whose ports are numbered as the USB hub numbers them; drivers that
+        know their internal topology (Cambrionix `bd`) override it."""
+        return {}
 
     async def set_mode(self, port: int, mode: PortMode) -> None:
         raise HubError(f"{self.kind} hubs cannot change port modes")

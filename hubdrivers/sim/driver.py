@@ -25,7 +25,7 @@ class Backplane(Protocol):
 
 class SimHubDriver(HubDriver):
     kind: ClassVar[str] = "sim"
-    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+    CAPABILITIES: ClassVar[frozenset[Capability]] = frozenset(
         {Capability.ATTACH_SENSE, Capability.PORT_POWER, Capability.PORT_MODE, Capability.CURRENT_SENSE}
     )
 
@@ -36,12 +36,20 @@ class SimHubDriver(HubDriver):
         self._backplane = backplane
         self._open = False
 
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return self.CAPABILITIES
+
     async def open(self) -> HubInfo:
         if not self._backplane.hub_online(self.hub_id):
             raise HubError(f"simulated hub {self.hub_id} is unplugged")
         self._open = True
         return HubInfo(
-            model=self.model, firmware="sim-1.0", serial=f"SIM-{self.hub_id}", port_count=self.ports
+            model=self.model,
+            firmware="sim-1.0",
+            serial=f"SIM-{self.hub_id}",
+            port_count=self.ports,
+            capabilities=self.CAPABILITIES,
         )
 
     async def close(self) -> None:
