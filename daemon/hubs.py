@@ -9,6 +9,7 @@ does not flood the operator's log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -58,7 +59,13 @@ class HubSupervisor:
     async def run(self) -> None:
         failures = 0
         while True:
-            driver = self._make_driver()
+            try:
+                driver = self._make_driver()
+            except Exception as exc:  # a config the driver rejects: say so, keep trying (it may be fixed)
+                failures += 1
+                self.log.error("hub_driver_unusable", error=str(exc), failures=failures)
+                await asyncio.sleep(backoff_delay(failures))
+                continue
             try:
                 self.info = await driver.open()
                 self.port_paths = await driver.port_paths()
@@ -67,17 +74,28 @@ class HubSupervisor:
                 if failures:
                     self.log.info("hub_reconnected", after_failures=failures)
                 else:
-                    self.log.info("hub_opened", model=self.info.model, ports=self.info.port_count)
+                    self.log.info(
+                        "hub_opened",
+                        model=self.info.model,
+                        firmware=self.info.firmware,
+                        serial=self.info.serial,
+                        ports=self.info.port_count,
+                        capabilities=sorted(self.info.capabilities),
+                    )
                 failures = 0
                 await self._poll_forever(driver)
             except (HubError, OSError, TimeoutError) as exc:
                 failures += 1
                 log = self.log.warning if failures == 1 else self.log.debug
                 log("hub_link_failed", error=str(exc), failures=failures)
+            except Exception:  # a driver bug or unforeseen garbage: never take the station down
+                failures += 1
+                self.log.exception("hub_driver_crashed", failures=failures)
             finally:
                 self._driver = None
                 self._set_online(False)
-                await driver.close()
+                with contextlib.suppress(Exception):
+                    await driver.close()
             await asyncio.sleep(backoff_delay(failures))
 
     async def _poll_forever(self, driver: HubDriver) -> None:

@@ -134,7 +134,7 @@ class Station:
                             self.runners[ref].device_present(event)
                         case DeviceGone():
                             self.runners[ref].device_absent()
-            except (OSError, ConnectionError) as exc:
+            except Exception as exc:  # usbmuxd gone, garbage on the socket: reconnect, never crash
                 failures += 1
                 self.log.warning("device_watch_failed", error=str(exc), failures=failures)
             await asyncio.sleep(backoff_delay(failures))

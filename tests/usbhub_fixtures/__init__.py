@@ -1,0 +1,1 @@
+"""Doubles for the unmanaged-hub driver: a fake Linux USB sysfs tree and a pyusb backend."""
