@@ -20,13 +20,15 @@ from typing import TextIO
 from daemon import __version__
 from daemon.board import elapsed, live, render, summary
 from daemon.config import Config, ConfigError, load_config
+from daemon.doctor import check_hubs
+from daemon.doctor import render as render_doctor
 from daemon.logs import configure_logging
 from daemon.models import PortState
 from daemon.mqtt.broker import BrokerUnavailable
 from daemon.mqtt.payloads import state_document
 from daemon.report import DeviceOutcome, outcomes, render_outcomes
 from daemon.sim.demo import DemoOptions, demo_config, technician
-from daemon.station import Station
+from daemon.station import Station, build_sim_world
 from daemon.store import Store, StoreError
 from daemon.workflow.phases import SETTLED, Phase
 
@@ -51,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a simulated station with an embedded MQTT broker; no hardware needed")
     demo.add_argument("--devices", type=int, default=8, help="devices to plug in at start (default 8)")
-    demo.add_argument("--ports", type=int, default=8, help="ports per hub (default 8)")
+    demo.add_argument(
+        "--hub-model",
+        default="PP15S",
+        help="Cambrionix model to simulate (PP8S PP15S SS15 U16S TS3-16 PDSync-C4) or 'sim'; default PP15S",
+    )
+    demo.add_argument("--ports", type=int, default=8, help="ports per hub with --hub-model sim (default 8)")
     demo.add_argument("--hubs", type=int, help="number of hubs (default: enough for --devices)")
     demo.add_argument("--speed", type=float, default=60.0, help="simulated time factor (default 60)")
     demo.add_argument("--seed", type=int, default=1, help="which simulated devices (default 1)")
@@ -69,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--until-done", action="store_true", help="exit when every device has finished")
     demo.add_argument("--timeout", type=float, default=900.0, help="with --until-done: give up after (s)")
 
+    doctor = sub.add_parser("doctor", help="check the hubs (and later everything else) the station needs")
+    doctor.add_argument("--config", "-c", type=Path, help="station TOML file (without: discovery only)")
+
     status = sub.add_parser("status", help="print every port's state from the station's database")
     status.add_argument("--config", "-c", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="one JSON document per port")
@@ -77,12 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"run": _run, "demo": _demo, "doctor": _doctor, "status": _status}
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "demo":
-            return _demo(args)
-        return _status(args)
+        return commands[args.command](args)
     except ConfigError as exc:
         for line in exc.lines:
             print(f"benchhub: config error: {line}", file=sys.stderr)
@@ -109,6 +116,15 @@ def _run(args: argparse.Namespace) -> int:
     station = Station(config)
     asyncio.run(_serve(station))
     return EXIT_OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else None
+    configure_logging("warning", "console")
+    world = build_sim_world(config) if config is not None and config.sim is not None else None
+    checks, found = asyncio.run(check_hubs(config, world))
+    print(render_doctor(checks, found))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -141,6 +157,7 @@ def _demo(args: argparse.Namespace) -> int:
     fail_rate = args.fail_rate if args.fail_rate is not None else (0.0 if args.until_done else 0.02)
     options = DemoOptions(
         devices=args.devices,
+        hub_model=args.hub_model,
         ports_per_hub=args.ports,
         hubs=args.hubs,
         speed=args.speed,

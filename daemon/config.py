@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 from daemon.versions import parse_version
+from daemon.workflow.phases import Phase
+from hubdrivers.base import LedPattern
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
 """Station and hub ids appear in MQTT topics and Home Assistant ids; keep them to [a-z0-9-]."""
@@ -111,17 +113,56 @@ class WorkflowConfig(_Model):
         return self.policy[step]
 
 
-class SimHubConfig(_Model):
+UsbPath = Annotated[str, Field(pattern=r"^[1-9]\d*-[1-9]\d*(\.[1-9]\d*)*$")]
+HUB_KINDS = ("sim", "cambrionix", "datamation", "usbhub")
+CAMBRIONIX_MODELS = ("PP8S", "PP15S", "SS15", "U16S", "TS3-16", "PDSync-C4")
+
+
+class _HubBase(_Model):
     id: Annotated[str, Field(pattern=ID_PATTERN)]
+    usb_path: UsbPath | None = None
+    """USB path of the hub's upstream port (e.g. `1-2`, see `ls /sys/bus/usb/devices`); the devices on
+    its ports appear below it (`1-2.4`, `1-2.2.1`, ...)."""
+    poll_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
+    leds: dict[Phase, LedPattern] = Field(default_factory=dict)
+    """Hub LEDs as status lights (where the hub has them): phase -> pattern, e.g. done = "solid"."""
+
+
+class SimHubConfig(_HubBase):
     kind: Literal["sim"]
     ports: Annotated[int, Field(ge=1, le=64)] = 8
     model: str = "SIM16"
-    usb_path: Annotated[str, Field(pattern=r"^\d+-\d+(\.\d+)*$")] | None = None
-    """USB path of the hub's upstream port (e.g. `1-2`); ports hang off it as `1-2.<n>`."""
-    poll_interval: Annotated[float, Field(gt=0)] = 0.25
+    poll_interval: Annotated[float, Field(gt=0, le=60)] = 0.25
 
 
-HubConfig = Annotated[SimHubConfig, Field(discriminator="kind")]
+class CambrionixHubConfig(_HubBase):
+    kind: Literal["cambrionix"]
+    serial_port: str | None = None
+    """The hub's control port, best by id (/dev/serial/by-id/usb-FTDI_FT230X_Basic_UART_<serial>-if00-port0)
+    or by the udev rule's name (/dev/benchhub/cambrionix-<serial>)."""
+    simulate: Literal["PP8S", "PP15S", "SS15", "U16S", "TS3-16", "PDSync-C4"] | None = None
+    """Instead of hardware, run the byte-faithful simulator of this model on a pseudo-terminal."""
+    ports: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Port count; defaults to the simulated model's. Required with serial_port."""
+
+    @model_validator(mode="after")
+    def _one_link(self) -> CambrionixHubConfig:
+        if (self.serial_port is None) == (self.simulate is None):
+            raise ValueError("give exactly one of serial_port (a real hub) or simulate (a model name)")
+        if self.serial_port is not None and self.ports is None:
+            raise ValueError("ports is required with serial_port (15 for a PP15S, 16 for a U16S, ...)")
+        return self
+
+
+class UsbHubConfig(_HubBase):
+    """An unmanaged hub (Datamation and others): presence from USB topology, power where it has it."""
+
+    kind: Literal["datamation", "usbhub"]
+    usb_path: UsbPath
+    ports: Annotated[int, Field(ge=1, le=64)]
+
+
+HubConfig = Annotated[SimHubConfig | CambrionixHubConfig | UsbHubConfig, Field(discriminator="kind")]
 
 
 class TlsConfig(_Model):
@@ -222,8 +263,9 @@ class Config(_Model):
             if hub.id in seen:
                 raise ValueError(f"hub id {hub.id!r} is used twice")
             seen.add(hub.id)
-        if any(h.kind == "sim" for h in self.hubs) and self.sim is None:
-            raise ValueError("sim hubs need a [sim] table (speed, devices, ...)")
+        simulated = any(h.kind == "sim" or (h.kind == "cambrionix" and h.simulate) for h in self.hubs)
+        if simulated and self.sim is None:
+            raise ValueError("simulated hubs need a [sim] table (speed, devices, ...)")
         return self
 
 
@@ -240,7 +282,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("sim",) and out.startswith("hubs["):
+        elif part in HUB_KINDS and out.startswith("hubs[") and out.count(".") == 0:
             continue  # pydantic inserts the union tag into the path; operators never wrote it
         else:
             out += f".{part}" if out else str(part)
@@ -250,9 +292,9 @@ def _where(loc: tuple[int | str, ...]) -> str:
 def _describe(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     if kind == "union_tag_invalid":
-        return f"unknown hub kind {err['input'].get('kind')!r}; expected one of: sim"
+        return f"unknown hub kind {err['input'].get('kind')!r}; expected one of: {', '.join(HUB_KINDS)}"
     if kind == "union_tag_not_found":
-        return "needs a kind (one of: sim)"
+        return f"needs a kind (one of: {', '.join(HUB_KINDS)})"
     hint = _HINTS.get(kind)
     msg: str = hint or str(err["msg"]).removeprefix("Value error, ")
     if kind not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), Mapping | list):

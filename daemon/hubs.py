@@ -20,6 +20,8 @@ from hubdrivers.base import (
     HubDriver,
     HubError,
     HubInfo,
+    LedPattern,
+    PortAlarm,
     PortEvent,
     PortEventKind,
     PortMode,
@@ -102,17 +104,26 @@ class HubSupervisor:
         while True:
             async with asyncio.timeout(POLL_TIMEOUT):
                 statuses = await driver.poll()
+                await self._acknowledge_reboot(driver, statuses)
             self._diff(statuses)
             await asyncio.sleep(self._poll_interval)
 
     def _diff(self, statuses: list[PortStatus]) -> None:
         for event in diff_ports(self._known, statuses):
             if event.kind is PortEventKind.ALARMS:
-                self.log.warning(
-                    "port_alarms", port=event.port, alarms=sorted(event.status.alarms) or "cleared"
-                )
+                alarms = event.status.alarms - {PortAlarm.REBOOTED}
+                before = event.previous.alarms - {PortAlarm.REBOOTED} if event.previous else frozenset()
+                if alarms != before:
+                    self.log.warning("port_alarms", port=event.port, alarms=sorted(alarms) or "cleared")
             self._on_port(self.hub_id, event)
         self._known = {status.port: status for status in statuses}
+
+    async def _acknowledge_reboot(self, driver: HubDriver, statuses: list[PortStatus]) -> None:
+        """A hub that rebooted has forgotten volatile settings. The station keeps none on the hub
+        yet (modes are only changed transiently, for power cycles), so acknowledging is all."""
+        if any(PortAlarm.REBOOTED in s.alarms for s in statuses):
+            self.log.info("hub_rebooted")
+            await driver.acknowledge_reboot()
 
     def port_status(self, port: int) -> PortStatus | None:
         return self._known.get(port)
@@ -126,6 +137,11 @@ class HubSupervisor:
         if self._driver is None:
             raise HubError(f"hub {self.hub_id} is offline")
         await self._driver.set_mode(port, mode)
+
+    async def set_led(self, port: int, pattern: LedPattern) -> None:
+        if self._driver is None:
+            raise HubError(f"hub {self.hub_id} is offline")
+        await self._driver.set_led(port, pattern)
 
     async def power_cycle(self, port: int) -> None:
         """Off, wait, back to sync: the device sees a real unplug and re-enumerates."""

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
 
 from daemon.backoff import backoff_delay
-from daemon.config import Config, read_secret
+from daemon.config import CambrionixHubConfig, Config, ConfigError, read_secret
 from daemon.hubs import HubSupervisor
-from daemon.ios.base import DeviceGone, DeviceSeen
+from daemon.hubsetup import HubFactory, model_spec, physical_port_paths, port_count
+from daemon.ios.base import DeviceEvent, DeviceGone, DeviceSeen
 from daemon.models import PortRef, PortState
 from daemon.mqtt.broker import embedded_broker
 from daemon.mqtt.payloads import PayloadRenderer
@@ -31,17 +32,33 @@ from daemon.store import Store
 from daemon.usb.topology import Topology
 from daemon.workflow.actions import Action
 from daemon.workflow.limits import Limits
+from daemon.workflow.phases import Phase
 from daemon.workflow.runner import PortRunner
 from daemon.workflow.steps.base import Services
-from hubdrivers.base import Capability, HubDriver, PortEvent, PortEventKind
-from hubdrivers.sim import SimHubDriver
+from hubdrivers.base import Capability, HubError, LedPattern, PortEvent, PortEventKind
 
 
 def build_sim_world(config: Config) -> SimWorld:
     sim = config.sim
-    assert sim is not None, "config validation guarantees [sim] for sim hubs"
+    if sim is None:
+        raise ConfigError(
+            [
+                "(file): a station needs a [sim] table for now: real devices arrive with the"
+                " pymobiledevice3 backend; `benchhub doctor` already checks real hubs"
+            ]
+        )
     return build_world(
-        [(h.id, h.ports, h.usb_path) for h in config.hubs],
+        [
+            (
+                h.id,
+                port_count(h),
+                h.usb_path,
+                physical_port_paths(model_spec(h))
+                if isinstance(h, CambrionixHubConfig) and h.simulate
+                else {},
+            )
+            for h in config.hubs
+        ],
         speed=sim.speed,
         seed=sim.seed,
         assign_delay=sim.assign_delay,
@@ -65,7 +82,8 @@ class Station:
         self.topics = Topics(config.mqtt.prefix, config.station.id)
         self.renderer = PayloadRenderer(self.topics)
         self.store = Store(config.storage.path, self.renderer)
-        self.topology = Topology.from_config((h.id, h.ports, h.usb_path) for h in config.hubs)
+        self.topology = Topology.from_config((h.id, port_count(h), h.usb_path) for h in config.hubs)
+        self.hubs = HubFactory(config, self.world)
         self.services = Services(
             backend=SimDeviceBackend(self.world),
             firmware=SimFirmware(),
@@ -76,7 +94,7 @@ class Station:
         self.supervisors = {
             hub.id: HubSupervisor(
                 hub.id,
-                self._driver_factory(hub.id, hub.ports, hub.model),
+                self.hubs.factory(hub),
                 hub.poll_interval,
                 self._on_port_event,
                 self._on_hub_link,
@@ -91,6 +109,7 @@ class Station:
                 config.workflow,
                 limits,
                 power_cycle=self.supervisors[ref.hub].power_cycle,
+                on_phase=self._on_phase,
             )
             for ref in self.topology.ports()
         }
@@ -101,10 +120,12 @@ class Station:
         self._changes = asyncio.Event()
         self.store.subscribe(self._changes.set)
         self._final: list[PortState] | None = None
-
-    def _driver_factory(self, hub_id: str, ports: int, model: str) -> Callable[[], HubDriver]:
-        world = self.world
-        return lambda: SimHubDriver(hub_id, ports, world, model)
+        self._leds = {hub.id: hub.leds for hub in config.hubs}
+        # Device events held until the hub has told us its port map (see `_route`).
+        self._held: dict[str, list[DeviceEvent]] = {
+            hub.id: [] for hub in config.hubs if isinstance(hub, CambrionixHubConfig)
+        }
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- events
 
@@ -117,7 +138,29 @@ class Station:
             runner.unplugged()
 
     def _on_hub_link(self, hub: str, online: bool) -> None:
+        supervisor = self.supervisors[hub]
+        if online:
+            if supervisor.port_paths:
+                self.topology.set_port_paths(hub, supervisor.port_paths)
+            for event in self._held.pop(hub, []):
+                self._route(event)
         self.store.set_hub_status(hub, online)
+
+    def _on_phase(self, ref: PortRef, phase: Phase) -> None:
+        """Hub LEDs as status lights, where the hub has them and the config maps the phase."""
+        pattern = self._leds[ref.hub].get(phase)
+        supervisor = self.supervisors[ref.hub]
+        if pattern is None or Capability.PORT_LED not in supervisor.capabilities:
+            return
+        task = asyncio.get_running_loop().create_task(self._set_led(supervisor, ref.port, pattern))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _set_led(self, supervisor: HubSupervisor, port: int, pattern: LedPattern) -> None:
+        try:
+            await supervisor.set_led(port, pattern)
+        except HubError as exc:
+            self.log.warning("led_failed", hub=supervisor.hub_id, port=port, error=str(exc))
 
     async def _watch_devices(self) -> None:
         failures = 0
@@ -125,19 +168,32 @@ class Station:
             try:
                 async for event in self.services.backend.watch():
                     failures = 0
-                    ref = self.topology.port_for(event.usb_path)
-                    if ref is None:
-                        self.log.debug("device_outside_bench", usb_path=event.usb_path)
-                        continue
-                    match event:
-                        case DeviceSeen():
-                            self.runners[ref].device_present(event)
-                        case DeviceGone():
-                            self.runners[ref].device_absent()
+                    self._route(event)
             except Exception as exc:  # usbmuxd gone, garbage on the socket: reconnect, never crash
                 failures += 1
                 self.log.warning("device_watch_failed", error=str(exc), failures=failures)
             await asyncio.sleep(backoff_delay(failures))
+
+    def _route(self, event: DeviceEvent) -> None:
+        """Hand a device event to the runner of the port it happened on. Events under a hub whose
+        port map is not known yet (a Cambrionix reports it when opened) wait for the map: routed
+        with a guessed map, a device would land on the wrong port."""
+        hub = self.topology.hub_for(event.usb_path)
+        if hub is None:
+            self.log.debug("device_outside_bench", usb_path=event.usb_path)
+            return
+        if hub in self._held:
+            self._held[hub].append(event)
+            return
+        ref = self.topology.port_for(event.usb_path)
+        if ref is None:
+            self.log.debug("device_on_unknown_port", usb_path=event.usb_path)
+            return
+        match event:
+            case DeviceSeen():
+                self.runners[ref].device_present(event)
+            case DeviceGone():
+                self.runners[ref].device_absent()
 
     # ------------------------------------------------------------ operations
 
@@ -181,7 +237,7 @@ class Station:
         if recovered:
             self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
         password = read_secret(self.config.mqtt.password_file) if self.config.mqtt.password_file else None
-        async with self._broker() as endpoint, asyncio.TaskGroup() as group:
+        async with self._broker() as endpoint, self.hubs.running(), asyncio.TaskGroup() as group:
             self.mqtt = endpoint
             mqtt_config = self.config.mqtt
             if mqtt_config.embedded:

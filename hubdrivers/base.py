@@ -162,6 +162,10 @@ class HubDriver(abc.ABC):
         know their internal topology (Cambrionix `bd`) override it."""
         return {}
 
+    async def acknowledge_reboot(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """The daemon has seen `PortAlarm.REBOOTED` and restored what it needs; clear the flag.
+        Hubs without such a flag need nothing."""
+
     async def set_mode(self, port: int, mode: PortMode) -> None:
         raise HubError(f"{self.kind} hubs cannot change port modes")
 

@@ -29,13 +29,17 @@ def station_config(
     *,
     devices: int = 8,
     ports: int = 8,
+    hub_model: str = "sim",
     speed: float = FAST,
     workflow: dict[str, Any] | None = None,
     sim: dict[str, Any] | None = None,
 ) -> Config:
     """The demo configuration (speed-scaled timeouts), pointed at the test's Mosquitto."""
     base = demo_config(
-        DemoOptions(devices=devices, ports_per_hub=ports, speed=speed, mqtt_url=broker.url), state_dir
+        DemoOptions(
+            devices=devices, hub_model=hub_model, ports_per_hub=ports, speed=speed, mqtt_url=broker.url
+        ),
+        state_dir,
     )
     data = base.model_dump(mode="json", exclude_none=True)
     data["workflow"].update(workflow or {})

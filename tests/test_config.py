@@ -57,7 +57,26 @@ BAD = [
         "[station]\nid = 'Bench 1'\n[[hubs]]\nid='a'\nkind='sim'\n[sim]\n",
         "station.id: must use only lowercase",
     ),
-    (MINIMAL.replace('kind = "sim"', 'kind = "cambrionix"'), "hubs[0].kind: unknown hub kind 'cambrionix'"),
+    (
+        MINIMAL.replace('kind = "sim"', 'kind = "ykush"'),
+        "hubs[0].kind: unknown hub kind 'ykush'; expected one of: sim, cambrionix",
+    ),
+    (
+        MINIMAL.replace('kind = "sim"', 'kind = "cambrionix"\nserial_port = "/dev/ttyUSB0"'),
+        "hubs[0]: ports is required with serial_port",
+    ),
+    (
+        MINIMAL.replace(
+            'kind = "sim"', 'kind = "cambrionix"\nserial_port = "/dev/ttyUSB0"\nsimulate = "PP15S"'
+        ),
+        "hubs[0]: give exactly one of serial_port",
+    ),
+    (
+        MINIMAL.replace('kind = "sim"', 'kind = "cambrionix"\nsimulate = "PP99"'),
+        "hubs[0].simulate: Input should be",
+    ),
+    (MINIMAL.replace('kind = "sim"', 'kind = "datamation"\nports = 10'), "hubs[0].usb_path: is required"),
+    (MINIMAL + "\n[hubs.leds]\ndone = 'rainbow'\n", "hubs[0].leds.done: Input should be"),
     (MINIMAL.replace('kind = "sim"', 'kind = "sim"\nports = 0'), "hubs[0].ports: Input should be greater"),
     (MINIMAL + "\n[workflow]\nminimum_ios = 'seventeen'\n", "workflow.minimum_ios: must be an iOS version"),
     (
@@ -68,7 +87,7 @@ BAD = [
     (MINIMAL + "\n[mqtt]\nurl = 'http://broker'\n", "mqtt.url: must be 'embedded' or look like mqtt://"),
     (MINIMAL + "\n[mqtt]\nurl = 'mqtt://u:p@broker'\n", "mqtt.url: must not carry credentials"),
     (MINIMAL + "\n[mqtt]\npasword_file = 'x'\n", "mqtt.pasword_file: is not a known setting"),
-    (MINIMAL.replace("[sim]\n", ""), "(file): sim hubs need a [sim] table"),
+    (MINIMAL.replace("[sim]\n", ""), "(file): simulated hubs need a [sim] table"),
     ("[station]\nid = 'x'\n", "hubs: is required"),
     ("[station\nid=1", "not valid TOML"),
 ]

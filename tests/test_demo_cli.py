@@ -43,7 +43,7 @@ def test_demo_until_done_with_the_embedded_broker(tmp_path: Path) -> None:
     status = benchhub("status", "--config", str(config))
     assert status.returncode == 0, status.stderr
     assert status.stdout.count(" done ") == 8
-    assert "8 ports: 8 done" in status.stdout
+    assert "15 ports: 7 empty, 8 done" in status.stdout  # one simulated PP15S
 
 
 def test_demo_reports_devices_that_did_not_finish(tmp_path: Path) -> None:

@@ -55,13 +55,13 @@ async def test_firmware_choice() -> None:
 
 def test_world_persists_devices_slots_and_portal(tmp_path: Path) -> None:
     state = tmp_path / "world.json"
-    world = build_world([("hub-a", 4, None)], speed=1, seed=3, assign_delay=5, state_file=state)
+    world = build_world([("hub-a", 4, None, {})], speed=1, seed=3, assign_delay=5, state_file=state)
     ref = PortRef("hub-a", 2)
     device = world.new_device()
     world.plug(ref, device)
     device.completed["erase"] += 1
     world.save()
-    again = build_world([("hub-a", 4, None)], speed=1, seed=3, assign_delay=5, state_file=state)
+    again = build_world([("hub-a", 4, None, {})], speed=1, seed=3, assign_delay=5, state_file=state)
     assert again.slots[ref].device == device.ecid
     assert again.devices[device.ecid].completed["erase"] == 1
     assert again.generated == 1

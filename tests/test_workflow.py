@@ -256,8 +256,8 @@ async def test_hub_link_outage_is_reported_and_recovered(tmp_path: Path, mosquit
     config = station_config(tmp_path, mosquitto, devices=1)
     async with running(config) as station:
         await eventually(lambda: station.store.hub_statuses().get("hub-a") is True, what="hub online")
-        station.world.hubs["hub-a"].online = False
+        station.world.set_hub_online("hub-a", False)
         await eventually(lambda: station.store.hub_statuses()["hub-a"] is False, what="hub offline")
-        station.world.hubs["hub-a"].online = True
+        station.world.set_hub_online("hub-a", True)
         await eventually(lambda: station.store.hub_statuses()["hub-a"] is True, within=10, what="hub back")
         await eventually(lambda: all_done(station), what="the device finished regardless")

@@ -14,16 +14,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Config, default_policies, parse_config
+from daemon.config import Config, ConfigError, default_policies, parse_config
 from daemon.models import PortRef, PortState
 from daemon.sim.world import SimWorld
 from daemon.workflow.phases import SETTLED, Phase
+from hubdrivers.cambrionix.models import find_model
+
+DEMO_LEDS = {
+    "detected": "slow_blink",
+    "done": "solid",
+    "failed": "fast_blink",
+    "needs_attention": "fast_blink",
+}
+"""Status lights on hubs that have per-port LEDs (U16S, TS3-16, PDSync-C4)."""
 
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     devices: int = 8
+    hub_model: str = "PP15S"
+    """A Cambrionix model to simulate byte for byte, or "sim" for the abstract simulated hub."""
     ports_per_hub: int = 8
+    """Ports of each abstract simulated hub (a Cambrionix model has its own count)."""
     hubs: int | None = None
     speed: float = 60.0
     seed: int = 1
@@ -33,8 +45,21 @@ class DemoOptions:
     mqtt_url: str | None = None
 
 
+def _hub(index: int, options: DemoOptions) -> dict[str, Any]:
+    hub: dict[str, Any] = {"id": f"hub-{chr(ord('a') + index)}", "poll_interval": 0.1}
+    if options.hub_model == "sim":
+        return {**hub, "kind": "sim", "ports": options.ports_per_hub}
+    return {**hub, "kind": "cambrionix", "simulate": options.hub_model, "leds": DEMO_LEDS}
+
+
 def demo_config(options: DemoOptions, state_dir: Path) -> Config:
-    hubs = options.hubs or max(1, math.ceil(options.devices / options.ports_per_hub))
+    ports = options.ports_per_hub
+    if options.hub_model != "sim":
+        spec = find_model(options.hub_model)
+        if spec is None:
+            raise ConfigError([f"--hub-model: unknown model {options.hub_model!r}; try PP15S, U16S or sim"])
+        ports = spec.ports
+    hubs = options.hubs or max(1, math.ceil(options.devices / ports))
     speed = options.speed
     policy: dict[str, Any] = {
         name: {
@@ -46,15 +71,7 @@ def demo_config(options: DemoOptions, state_dir: Path) -> Config:
     }
     data: dict[str, Any] = {
         "station": {"id": "demo", "name": "benchhub demo"},
-        "hubs": [
-            {
-                "id": f"hub-{chr(ord('a') + i)}",
-                "kind": "sim",
-                "ports": options.ports_per_hub,
-                "poll_interval": 0.1,
-            }
-            for i in range(hubs)
-        ],
+        "hubs": [_hub(i, options) for i in range(hubs)],
         "workflow": {
             "minimum_ios": options.minimum_ios,
             "mdm_server": "benchhub MDM",

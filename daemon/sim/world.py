@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
 from daemon.ios.base import DeviceEvent, DeviceGone, DeviceMode, DeviceSeen
@@ -32,6 +33,9 @@ class SimHub:
     ports: int
     usb_path: str
     online: bool = True
+    port_paths: dict[int, str] = field(default_factory=dict)
+    """How the hub's physical ports are wired to its internal USB ports (a PP15S's port 15 is `2.1`);
+    the station learns the same map from the hub itself, which is what the simulation checks."""
 
 
 @dataclass
@@ -48,6 +52,16 @@ class PortalRecord:
     added_at: float  # wall-clock seconds, so the admin's delay runs across daemon restarts
 
 
+class HubWiring(Protocol):
+    """A simulated hub with its own model of the ports (the Cambrionix simulator)."""
+
+    def attach(self, port: int) -> None: ...
+
+    def detach(self, port: int) -> None: ...
+
+    def set_online(self, online: bool) -> None: ...
+
+
 @dataclass
 class SimWorld:
     hubs: dict[str, SimHub]
@@ -61,6 +75,7 @@ class SimWorld:
     slots: dict[PortRef, PortSlot] = field(default_factory=dict)
     portal: dict[str, PortalRecord] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
+    wiring: dict[str, HubWiring] = field(default_factory=dict)
     generated: int = 0
     _listeners: list[asyncio.Queue[DeviceEvent]] = field(default_factory=list)
     _rng: random.Random = field(default_factory=random.Random)
@@ -75,7 +90,8 @@ class SimWorld:
     # -------------------------------------------------------------- topology
 
     def usb_path(self, ref: PortRef) -> str:
-        return f"{self.hubs[ref.hub].usb_path}.{ref.port}"
+        hub = self.hubs[ref.hub]
+        return f"{hub.usb_path}.{hub.port_paths.get(ref.port, str(ref.port))}"
 
     def port_of(self, ecid: int) -> PortRef | None:
         for ref, slot in self.slots.items():
@@ -110,6 +126,10 @@ class SimWorld:
         return statuses
 
     async def set_port_mode(self, hub: str, port: int, mode: PortMode) -> None:
+        self.apply_port_mode(hub, port, mode)
+
+    def apply_port_mode(self, hub: str, port: int, mode: PortMode) -> None:
+        """A hub switched a port's mode: `off` cuts the device off USB, power back re-enumerates it."""
         ref = PortRef(hub, port)
         slot = self.slots[ref]
         was_on = slot.mode is not PortMode.OFF
@@ -122,6 +142,19 @@ class SimWorld:
         elif mode is not PortMode.OFF and not was_on:
             # Power returns: the phone (it has a battery) re-enumerates within a couple of seconds.
             self.later(2.0 / self.speed, lambda: self._announce(ref, device))
+
+    def set_hub_online(self, hub: str, online: bool) -> None:
+        """Plug the hub's control link in or out (its ports and devices stay as they are)."""
+        self.hubs[hub].online = online
+        if (wiring := self.wiring.get(hub)) is not None:
+            wiring.set_online(online)
+
+    def wire(self, hub: str, wiring: HubWiring) -> None:
+        """Let a hub that keeps its own port state (a simulated Cambrionix) follow this world."""
+        self.wiring[hub] = wiring
+        for ref, slot in self.slots.items():
+            if ref.hub == hub and slot.device is not None:
+                wiring.attach(ref.port)
 
     # ------------------------------------------------------------ plugging
 
@@ -143,6 +176,8 @@ class SimWorld:
         slot.device = device.ecid
         device.mode = DeviceMode.NORMAL
         self.save()
+        if (wiring := self.wiring.get(ref.hub)) is not None:
+            wiring.attach(ref.port)
         if slot.mode is not PortMode.OFF:
             self._announce(ref, device)
 
@@ -153,6 +188,8 @@ class SimWorld:
         device = self.devices[slot.device]
         slot.device = None
         self.save()
+        if (wiring := self.wiring.get(ref.hub)) is not None:
+            wiring.detach(ref.port)
         self._emit(DeviceGone(self.usb_path(ref)))
         return device
 
@@ -284,7 +321,7 @@ class SimWorld:
 
 
 def build_world(
-    hubs: Iterable[tuple[str, int, str | None]],
+    hubs: Iterable[tuple[str, int, str | None, dict[int, str]]],
     *,
     speed: float,
     seed: int,
@@ -293,10 +330,10 @@ def build_world(
     target_server: str = "benchhub MDM",
     state_file: Path | None = None,
 ) -> SimWorld:
-    """A world for the given `(hub id, port count, usb path)` triples, wired like `Topology`."""
+    """A world for the given `(hub id, port count, usb path, port paths)` hubs."""
     sim_hubs = {
-        hub_id: SimHub(hub_id, ports, usb_path or default_usb_path(i))
-        for i, (hub_id, ports, usb_path) in enumerate(hubs)
+        hub_id: SimHub(hub_id, ports, usb_path or default_usb_path(i), port_paths=paths)
+        for i, (hub_id, ports, usb_path, paths) in enumerate(hubs)
     }
     world = SimWorld(
         sim_hubs,

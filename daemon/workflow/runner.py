@@ -108,8 +108,10 @@ class PortRunner:
         limits: Limits,
         *,
         power_cycle: PowerCycle | None = None,
+        on_phase: Callable[[PortRef, Phase], None] | None = None,
     ) -> None:
         self.ref = ref
+        self._on_phase = on_phase
         self.store = store
         self.services = services
         self.workflow = workflow
@@ -243,6 +245,10 @@ class PortRunner:
             if self._power_cycle is None:
                 raise ActionRejected("this hub cannot switch port power")
             await self._power_cycle(self.ref.port)
+            if self.state.phase in SETTLED:
+                # Like a replug: when the device comes back it is detected and resumed. The hub may
+                # not have reported the detach itself (Cambrionix blanks attach detection for 2 s).
+                self._record(Phase.EMPTY, detail="port power-cycled", actor="operator")
             return "port power-cycled"
         if action is Action.ABORT:
             await self._cancel_workflow()
@@ -485,6 +491,8 @@ class PortRunner:
             )
         )
         structlog.contextvars.bind_contextvars(phase=phase.value)
+        if self._on_phase is not None:
+            self._on_phase(self.ref, phase)
         log = self.log.warning if error else self.log.info
         log(
             "transition",

@@ -1,0 +1,111 @@
+"""`benchhub doctor`: what the station can reach, explained, with a fix for what it cannot.
+
+Today it checks the hubs: every configured hub is opened with its real driver (simulated ones on
+their simulators) and reported with model, firmware, serial, ports and capabilities; Cambrionix
+control ports that are plugged in but not configured are found by USB id and probed. More checks
+(usbmuxd, broker, Apple credentials, disk) join as those parts land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from daemon.config import CambrionixHubConfig, Config, HubConfig, UsbHubConfig
+from daemon.hubsetup import HubFactory
+from daemon.sim.world import SimWorld
+from hubdrivers.base import HubError, HubInfo
+from hubdrivers.cambrionix.discovery import DiscoveredHub, discover
+
+OPEN_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class HubCheck:
+    id: str
+    kind: str
+    link: str
+    info: HubInfo | None = None
+    error: str | None = None
+    fix: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _link(hub: HubConfig) -> str:
+    if isinstance(hub, CambrionixHubConfig):
+        return hub.serial_port or f"simulated {hub.simulate}"
+    if isinstance(hub, UsbHubConfig):
+        return f"usb {hub.usb_path}"
+    return "simulated"
+
+
+def _fix(hub: HubConfig, error: str) -> str:
+    if isinstance(hub, CambrionixHubConfig):
+        if "ermission" in error:
+            return "add the service user to the dialout group and install systemd/70-benchhub.rules"
+        if "busy" in error.lower() or "exclusive" in error.lower():
+            return "another program holds the port (Cambrionix Connect, ModemManager?); stop it"
+        return "check the cable and serial_port; `ls -l /dev/serial/by-id/` lists the hubs' control ports"
+    if isinstance(hub, UsbHubConfig):
+        return "check usb_path against `ls /sys/bus/usb/devices` (the hub device itself, e.g. 1-2)"
+    return "check the [sim] table"
+
+
+async def check_hub(factory: HubFactory, hub: HubConfig) -> HubCheck:
+    driver = factory.factory(hub)()
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            info = await driver.open()
+        return HubCheck(hub.id, hub.kind, _link(hub), info=info)
+    except (HubError, OSError, TimeoutError, ValueError) as exc:
+        error = str(exc) or type(exc).__name__
+        return HubCheck(hub.id, hub.kind, _link(hub), error=error, fix=_fix(hub, error))
+    finally:
+        await driver.close()
+
+
+async def check_hubs(
+    config: Config | None, world: SimWorld | None
+) -> tuple[list[HubCheck], list[DiscoveredHub]]:
+    """Configured hubs, then Cambrionix hubs that are plugged in but not configured."""
+    checks: list[HubCheck] = []
+    if config is not None:
+        factory = HubFactory(config, world)
+        async with factory.running():
+            checks = [await check_hub(factory, hub) for hub in config.hubs]
+    configured = {
+        h.serial_port
+        for h in (config.hubs if config else [])
+        if isinstance(h, CambrionixHubConfig) and h.serial_port
+    }
+    found = [d for d in await discover() if d.device not in configured]
+    return checks, found
+
+
+def render(checks: list[HubCheck], found: list[DiscoveredHub]) -> str:
+    lines = []
+    for c in checks:
+        if c.info is not None:
+            caps = ", ".join(sorted(c.info.capabilities)) or "none"
+            lines.append(
+                f"ok    hub {c.id} ({c.kind}, {c.link}): {c.info.model} firmware {c.info.firmware},"
+                f" serial {c.info.serial}, {c.info.port_count} ports; can: {caps}"
+            )
+        else:
+            lines.append(f"FAIL  hub {c.id} ({c.kind}, {c.link}): {c.error}")
+            lines.append(f"      fix: {c.fix}")
+    for d in found:
+        if d.ok:
+            lines.append(
+                f"found {d.device}: Cambrionix {d.model} firmware {d.firmware}, {d.port_count} ports,"
+                f" USB serial {d.usb_serial or '?'} (not in the config: add a [[hubs]] with"
+                f' kind = "cambrionix", serial_port = "{d.device}")'
+            )
+        else:
+            lines.append(f"found {d.device}: a Cambrionix USB id that did not answer ({d.error})")
+    if not checks and not found:
+        lines.append("no hubs configured and no Cambrionix control ports found")
+    return "\n".join(lines)
