@@ -10,6 +10,7 @@ by the driver powers the device off in the world, and an unplugged hub closes th
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from daemon.config import CambrionixHubConfig, Config, HubConfig, SimHubConfig, 
 from daemon.sim.world import SimWorld
 from hubdrivers.base import HubDriver, PortMode
 from hubdrivers.cambrionix.board import parse_bd
+from hubdrivers.cambrionix.discovery import candidate_ports
 from hubdrivers.cambrionix.driver import CambrionixDriver
 from hubdrivers.cambrionix.models import ModelSpec, find_model
 from hubdrivers.cambrionix.protocol import ModeChar
@@ -82,6 +84,17 @@ class SimulatedCambrionix:
         self.world.apply_port_mode(self.hub, port, _MODES[mode])
 
 
+def usb_serial_of(device: str | None) -> str | None:
+    """The USB serial of a hub's control interface (its identity: `id` often says sn:000000)."""
+    if device is None:
+        return None
+    real = os.path.realpath(device)
+    for candidate in candidate_ports():
+        if os.path.realpath(candidate.device) == real:
+            return candidate.usb_serial
+    return None
+
+
 class HubFactory:
     """Builds drivers for every configured hub; owns the simulators of simulated hubs."""
 
@@ -111,7 +124,7 @@ class HubFactory:
             assert world is not None, "sim hubs need the simulated world"
             return lambda: SimHubDriver(hub.id, hub.ports, world, hub.model)
         if isinstance(hub, CambrionixHubConfig):
-            return lambda: CambrionixDriver(self._device(hub))
+            return lambda: CambrionixDriver(self._device(hub), usb_serial=usb_serial_of(hub.serial_port))
         if isinstance(hub, UsbHubConfig):
             return lambda: UsbHubDriver(hub.usb_path, hub.ports)
         raise AssertionError(f"no driver for hub kind {hub.kind}")
