@@ -63,3 +63,13 @@ async def test_hub_link_loss_and_return(tmp_path: Path, mosquitto: Mosquitto) ->
         await eventually(
             lambda: sum(s.phase is Phase.DONE for s in station.ports()) == 2, "both devices finished"
         )
+
+
+async def test_hub_leds_follow_the_phase_map(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = station_config(tmp_path, mosquitto, devices=2, hub_model="U16S")  # demo map: done = solid
+    async with running(config) as station:
+        await eventually(lambda: sum(s.phase is Phase.DONE for s in station.ports()) == 2, "two done")
+        engine = station.hubs.simulated["hub-a"].simulator.engine
+        await eventually(lambda: engine.ports[0].leds.get(1) == 0b11111111, "port 1 LED solid")
+        assert engine.ports[1].leds.get(1) == 0b11111111
+        assert engine.ports[5].leds == {}  # an empty port's LED was never touched
