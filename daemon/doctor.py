@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from daemon.config import CambrionixHubConfig, Config, HubConfig, UsbHubConfig
 from daemon.hubsetup import HubFactory
 from daemon.sim.world import SimWorld
+from daemon.usb.hotplug import open_hotplug
 from hubdrivers.base import HubError, HubInfo
 from hubdrivers.cambrionix.discovery import DiscoveredHub, discover
 
@@ -85,8 +86,15 @@ async def check_hubs(
     return checks, found
 
 
+def usb_hotplug_line() -> str:
+    """Which USB hotplug source the daemon would use here, and why not udev if not."""
+    source = open_hotplug()
+    why = f" ({source.description})" if source.name != "udev" and source.description else ""
+    return f"info  USB hotplug: {source.name}{why}"
+
+
 def render(checks: list[HubCheck], found: list[DiscoveredHub]) -> str:
-    lines = []
+    lines = [usb_hotplug_line()]
     for c in checks:
         if c.info is not None:
             caps = ", ".join(sorted(c.info.capabilities)) or "none"
