@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,12 @@ async def eventually(predicate: Callable[[], bool], what: str = "condition", wit
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {within:g} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def socket_path() -> Iterator[Path]:
+    """A path for a UNIX socket (fake usbmuxd). AF_UNIX paths are limited to 107 bytes, and pytest's
+    tmp_path can be longer, so it lives in a short directory under /tmp."""
+    folder = Path(tempfile.mkdtemp(prefix="mux", dir="/tmp"))
+    yield folder / "usbmuxd"
+    shutil.rmtree(folder, ignore_errors=True)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import plistlib
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
 from pathlib import Path
 
@@ -38,13 +36,6 @@ from daemon.usb.usbmux_protocol import (
 
 def device(index: int) -> DeviceInfo:
     return make_device(11, index).info()
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="mux", dir="/tmp"))
-    yield folder / "usbmuxd"
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

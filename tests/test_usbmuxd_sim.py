@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import plistlib
-import shutil
 import struct
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +31,6 @@ from daemon.usb.usbmux_protocol import HEADER, encode_packet, encode_plist, loca
 
 def device(index: int, seed: int = 7) -> DeviceInfo:
     return make_device(seed, index).info()
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    folder = Path(tempfile.mkdtemp(prefix="mux", dir="/tmp"))
-    yield folder / "usbmuxd"
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

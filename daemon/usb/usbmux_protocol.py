@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from daemon.usb.sysfs import location_id, split_location_id
+
 HEADER: Final = struct.Struct("<IIII")
 HEADER_SIZE: Final = HEADER.size
 MAX_PACKET: Final = 4 * 1024 * 1024
@@ -97,15 +99,10 @@ class UsbmuxPaired:
 DeviceMessage = UsbmuxAttached | UsbmuxDetached | UsbmuxPaired
 
 
-def location_to_bus_devnum(location_id: int) -> tuple[int, int]:
-    """Linux usbmuxd's LocationID is `(bus << 16) | devnum` (`src/usb.c` `usb_get_location`)."""
-    if location_id < 0:
-        raise ValueError(f"negative LocationID {location_id}")
-    return location_id >> 16, location_id & 0xFFFF
-
-
-def bus_devnum_to_location(bus: int, devnum: int) -> int:
-    return (bus << 16) | (devnum & 0xFFFF)
+# On Linux usbmuxd's LocationID is `(bus << 16) | devnum` (`src/usb.c` `usb_get_location`); the
+# sysfs module owns that knowledge, these names are kept for readers of the wire format.
+location_to_bus_devnum = split_location_id
+bus_devnum_to_location = location_id
 
 
 def encode_packet(version: int, message: int, tag: int, payload: bytes = b"") -> bytes:
