@@ -125,9 +125,6 @@ class HubSupervisor:
             self.log.info("hub_rebooted")
             await driver.acknowledge_reboot()
 
-    def port_status(self, port: int) -> PortStatus | None:
-        return self._known.get(port)
-
     def _set_online(self, online: bool) -> None:
         if online != self.online:
             self.online = online

@@ -115,7 +115,6 @@ class Station:
         }
         self.store.ensure_ports(self.runners)
         self.mqtt: MqttEndpoint | None = None
-        self.publisher: MqttPublisher | None = None
         self.ready = asyncio.Event()
         self._changes = asyncio.Event()
         self.store.subscribe(self._changes.set)
@@ -125,7 +124,9 @@ class Station:
         self._held: dict[str, list[DeviceEvent]] = {
             hub.id: [] for hub in config.hubs if isinstance(hub, CambrionixHubConfig)
         }
-        self._background: set[asyncio.Task[None]] = set()
+        self._led_wanted: dict[PortRef, LedPattern] = {}
+        self._led_shown: dict[PortRef, LedPattern] = {}
+        self._led_dirty = asyncio.Event()
 
     # ---------------------------------------------------------------- events
 
@@ -144,23 +145,37 @@ class Station:
                 self.topology.set_port_paths(hub, supervisor.port_paths)
             for event in self._held.pop(hub, []):
                 self._route(event)
+            for ref in [r for r in self._led_shown if r.hub == hub]:
+                del self._led_shown[ref]
+            self._led_dirty.set()
         self.store.set_hub_status(hub, online)
 
     def _on_phase(self, ref: PortRef, phase: Phase) -> None:
-        """Hub LEDs as status lights, where the hub has them and the config maps the phase."""
+        """Hub LEDs as status lights: remember what each port should show; `_show_leds` applies it."""
         pattern = self._leds[ref.hub].get(phase)
-        supervisor = self.supervisors[ref.hub]
-        if pattern is None or Capability.PORT_LED not in supervisor.capabilities:
-            return
-        task = asyncio.get_running_loop().create_task(self._set_led(supervisor, ref.port, pattern))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if pattern is not None:
+            self._led_wanted[ref] = pattern
+            self._led_dirty.set()
 
-    async def _set_led(self, supervisor: HubSupervisor, port: int, pattern: LedPattern) -> None:
-        try:
-            await supervisor.set_led(port, pattern)
-        except HubError as exc:
-            self.log.warning("led_failed", hub=supervisor.hub_id, port=port, error=str(exc))
+    async def _show_leds(self) -> None:
+        """Bring hub LEDs to the wanted patterns, newest wins, in order per port. A hub that was
+        offline (or not yet open) or refused a command is retried, and a reconnected hub is
+        repainted, since it may have rebooted with its LEDs reset."""
+        while True:
+            await self._led_dirty.wait()
+            self._led_dirty.clear()
+            for ref, pattern in list(self._led_wanted.items()):
+                supervisor = self.supervisors[ref.hub]
+                if self._led_shown.get(ref) is pattern or Capability.PORT_LED not in supervisor.capabilities:
+                    continue
+                try:
+                    await supervisor.set_led(ref.port, pattern)
+                except HubError as exc:
+                    self.log.warning("led_failed", hub=ref.hub, port=ref.port, error=str(exc))
+                    self._led_dirty.set()
+                    await asyncio.sleep(1.0)
+                else:
+                    self._led_shown[ref] = pattern
 
     async def _watch_devices(self) -> None:
         failures = 0
@@ -244,15 +259,16 @@ class Station:
                 mqtt_config = mqtt_config.model_copy(
                     update={"url": f"mqtt://{endpoint.host}:{endpoint.port}"}
                 )
-            self.publisher = MqttPublisher(
+            mqtt_publisher = MqttPublisher(
                 mqtt_config, self.topics, self.store, self.renderer, password=password
             )
             publisher_stop = asyncio.Event()
-            publisher = group.create_task(self.publisher.run(publisher_stop), name="mqtt publisher")
+            publisher = group.create_task(mqtt_publisher.run(publisher_stop), name="mqtt publisher")
             workers = [
                 *(group.create_task(r.run(), name=f"runner {r.ref}") for r in self.runners.values()),
                 *(group.create_task(s.run(), name=f"hub {s.hub_id}") for s in self.supervisors.values()),
                 group.create_task(self._watch_devices(), name="device watcher"),
+                group.create_task(self._show_leds(), name="hub leds"),
             ]
             self.log.info(
                 "station_started",

@@ -70,6 +70,7 @@ async def test_hub_leds_follow_the_phase_map(tmp_path: Path, mosquitto: Mosquitt
     async with running(config) as station:
         await eventually(lambda: sum(s.phase is Phase.DONE for s in station.ports()) == 2, "two done")
         engine = station.hubs.simulated["hub-a"].simulator.engine
-        await eventually(lambda: engine.ports[0].leds.get(1) == 0b11111111, "port 1 LED solid")
-        assert engine.ports[1].leds.get(1) == 0b11111111
+        solid = 0b11111111
+        await eventually(lambda: engine.ports[0].leds.get(1) == solid, "port 1 LED solid")
+        await eventually(lambda: engine.ports[1].leds.get(1) == solid, "port 2 LED solid")
         assert engine.ports[5].leds == {}  # an empty port's LED was never touched

@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.ios.base import DeviceInfo, DeviceMode
 from daemon.sim.catalog import MODELS, MODELS_BY_TYPE, Model, major, releases_for
+from daemon.usb.apple import format_ecid
 
 _SERIAL_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
@@ -40,7 +41,7 @@ class SimDevice:
 
     @property
     def ecid_hex(self) -> str:
-        return f"{self.ecid:016X}"
+        return format_ecid(self.ecid)
 
     def info(self) -> DeviceInfo:
         return DeviceInfo(
@@ -98,7 +99,7 @@ def make_device(seed: int, index: int, minimum_major: int = 0) -> SimDevice:
     else:
         serial = "".join(rng.choice(_SERIAL_ALPHABET) for _ in range(12))
     if model.new_udid:
-        udid = f"{model.chip_id:08X}-{ecid:016X}"
+        udid = f"{model.chip_id:08X}-{format_ecid(ecid)}"
     else:
         udid = hashlib.sha1(f"{serial}{ecid}".encode(), usedforsecurity=False).hexdigest()
     return SimDevice(
