@@ -290,6 +290,60 @@ async def test_placed_by_serial_without_sysfs(bench: Bench, mux: FakeUsbmuxd, fa
         await recorder.close()
 
 
+SS_PORT, USB2_PORT = "4-2.4", "3-2.4"
+"""One physical port, port 4 of a USB 3 hub: as its SuperSpeed half (bus 4) and USB 2 half (bus 3)
+name it."""
+
+
+def usb3_hub(fake: FakeSysfs) -> None:
+    """An xHCI controller (bus 3 USB 2, bus 4 SuperSpeed) and a USB 3 hub on its root port 2."""
+    fake.xhci(3, 4)
+    fake.usb3_hub("3-2", "4-2")
+
+
+async def test_superspeed_device_seen_and_gone_on_the_usb2_path(
+    bench: Bench, fake: FakeSysfs, recorder: Recorder
+) -> None:
+    usb3_hub(fake)
+    bench.plug(A, SS_PORT)  # usbmuxd's LocationID names bus 4; sysfs has 4-2.4
+    seen = DeviceSeen(USB2_PORT, NORMAL, udid=UDID_A, ecid=ECID_A)
+    await recorder.until(lambda: recorder.events == [seen], "the device seen on 3-2.4")
+    await recorder.until(lambda: USB2_PORT in recorder.watcher.hotplug.present, "hotplug on 3-2.4")
+    await recorder.quiet()
+
+    # the hub is pulled with the device: its sysfs entries and peer links go at once
+    bench.mux.detach(usb_path=SS_PORT)
+    fake.remove("4-2")
+    fake.remove("3-2")
+    await recorder.until(lambda: len(recorder.events) == 2, "the device gone")
+    await recorder.quiet()
+    assert recorder.events == [seen, DeviceGone(USB2_PORT)]
+    assert recorder.watcher.present == {}
+    assert recorder.watcher.hotplug.present == {}
+
+
+async def test_superspeed_normal_and_high_speed_recovery_share_the_path(
+    bench: Bench, fake: FakeSysfs, recorder: Recorder
+) -> None:
+    usb3_hub(fake)
+    bench.plug(A, SS_PORT)
+    normal = DeviceSeen(USB2_PORT, NORMAL, udid=UDID_A, ecid=ECID_A)
+    await recorder.until(lambda: recorder.events == [normal], "normal mode at SuperSpeed")
+
+    # EnterRecovery: iBoot talks high speed, so the device comes back on the hub's USB 2 half
+    bench.mux.attach(A, SS_PORT, RECOVERY)
+    fake.remove(SS_PORT)
+    fake.add(USB2_PORT, 0x05AC, 0x1281, RECOVERY_SERIAL, devnum=100)
+    recovery = DeviceSeen(USB2_PORT, RECOVERY, udid=None, ecid=ECID_A)
+    await recorder.until(lambda: len(recorder.events) == 3, "recovery mode on the same path")
+
+    fake.remove("4-2")
+    fake.remove("3-2")
+    await recorder.until(lambda: len(recorder.events) == 4, "the device gone")
+    await recorder.quiet()
+    assert recorder.events == [normal, DeviceGone(USB2_PORT), recovery, DeviceGone(USB2_PORT)]
+
+
 class FlakyUsbmux(UsbmuxClient):
     def __init__(self, mux: FakeUsbmuxd) -> None:
         super().__init__(mux.socket_path, settle=0.05, reply_timeout=1.0, backoff=lambda _n: 0.05)

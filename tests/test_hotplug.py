@@ -37,7 +37,7 @@ from daemon.usb.hotplug import (
     udev_sighting,
 )
 from daemon.usb.sysfs import UsbSysfs
-from tests.test_usb_sysfs import IPHONE_SERIAL, RECOVERY_SERIAL, FakeSysfs
+from tests.test_usb_sysfs import IPHONE_SERIAL, PRO_SERIAL, RECOVERY_SERIAL, FakeSysfs, usb3_bench
 
 pyudev = pytest.importorskip("pyudev")
 
@@ -171,6 +171,26 @@ class ScriptedEnumerator:
         if isinstance(result, Exception):
             raise result
         return result
+
+
+async def test_polling_sysfs_superspeed_device_on_the_usb2_path(fake: FakeSysfs) -> None:
+    usb3_bench(fake)  # an iPhone 15 Pro at SuperSpeed on 4-2.4.1, a Lightning iPhone on 3-2.4.3
+    source = PollingHotplug(SysfsEnumerator(UsbSysfs(fake.root)))
+    added = await source.poll_once()
+    assert [(e.action, e.usb_path, e.sysfs_name) for e in added] == [
+        (ADDED, "3-2.4.1", "4-2.4.1"),
+        (ADDED, "3-2.4.3", None),
+    ]
+    assert added[0].location_id == (4 << 16) | 7  # usbmuxd's LocationID names the SuperSpeed bus
+    assert await source.poll_once() == []  # stable from poll to poll
+    fake.remove("4-2")  # the whole hub is unplugged: both halves, their ports and peer links go
+    fake.remove("3-2")
+    removed = await source.poll_once()
+    assert [(e.action, e.usb_path, e.udid) for e in removed] == [
+        (REMOVED, "3-2.4.1", "00008130-001E2D4A0C38801E"),
+        (REMOVED, "3-2.4.3", UDID),
+    ]
+    assert source.present == {}
 
 
 async def test_polling_stream_survives_enumeration_errors(no_backoff: None) -> None:
@@ -345,12 +365,12 @@ def udev_device(action: str, sys_name: str, devtype: str = "usb_device", **props
         return pyudev.Devices.from_environment(pyudev.Context())
 
 
-def udev_add(sys_name: str, pid: int, serial: str, devnum: int) -> Any:
+def udev_add(sys_name: str, pid: int, serial: str, devnum: int, bus: int = 3) -> Any:
     return udev_device(
         "add",
         sys_name,
         PRODUCT=f"5ac/{pid:x}/1001",
-        BUSNUM="003",
+        BUSNUM=f"{bus:03d}",
         DEVNUM=f"{devnum:03d}",
         ID_VENDOR_ID="05ac",
         ID_MODEL_ID=f"{pid:04x}",
@@ -358,9 +378,11 @@ def udev_add(sys_name: str, pid: int, serial: str, devnum: int) -> Any:
     )
 
 
-def udev_remove(sys_name: str, pid: int, devnum: int) -> Any:
+def udev_remove(sys_name: str, pid: int, devnum: int, bus: int = 3) -> Any:
     """What the kernel puts in a usb_device remove uevent (no udev ID_* properties)."""
-    return udev_device("remove", sys_name, PRODUCT=f"5ac/{pid:x}/1001", BUSNUM="003", DEVNUM=f"{devnum:03d}")
+    return udev_device(
+        "remove", sys_name, PRODUCT=f"5ac/{pid:x}/1001", BUSNUM=f"{bus:03d}", DEVNUM=f"{devnum:03d}"
+    )
 
 
 def mangled(serial: str) -> str:
@@ -418,6 +440,58 @@ def test_udev_translate_keeps_identity_for_remove() -> None:
     assert (
         source.translate(udev_device("add", "3-2.4.5", PRODUCT="403/6015/1000", ID_SERIAL_SHORT="DN0")) == []
     )
+
+
+def test_udev_superspeed_device_removed_on_its_usb2_path_after_sysfs_is_gone(fake: FakeSysfs) -> None:
+    usb3_bench(fake)
+    source = UdevHotplug(sysfs=UsbSysfs(fake.root))
+    [added] = source.translate(udev_add("4-2.4.1", 0x12A8, PRO_SERIAL, 7, bus=4))
+    assert (added.action, added.usb_path, added.sysfs_name, added.enumerated_as) == (
+        ADDED,
+        "3-2.4.1",
+        "4-2.4.1",
+        "4-2.4.1",
+    )
+    assert added.as_device_event() == DeviceSeen(
+        "3-2.4.1", DeviceMode.NORMAL, udid="00008130-001E2D4A0C38801E", ecid="001E2D4A0C38801E"
+    )
+    fake.remove("4-2")  # the hub unplugged: nothing left in sysfs to resolve 4-2.4.1 with
+    fake.remove("3-2")
+    assert UsbSysfs(fake.root).canonical_path("4-2.4.1") == "4-2.4.1"
+    [removed] = source.translate(udev_remove("4-2.4.1", 0x12A8, 7, bus=4))
+    assert (removed.action, removed.usb_path, removed.serial) == (REMOVED, "3-2.4.1", PRO_SERIAL)
+    assert removed.as_device_event() == DeviceGone("3-2.4.1")
+    assert source.present == {}
+
+
+def test_udev_superspeed_remove_of_a_device_seen_before_we_looked(fake: FakeSysfs) -> None:
+    """No `add` seen, but the hub is still there: its port's peer link names the USB 2 path."""
+    usb3_bench(fake)
+    source = UdevHotplug(sysfs=UsbSysfs(fake.root))
+    fake.remove("4-2.4.1")
+    [removed] = source.translate(udev_remove("4-2.4.1", 0x12A8, 7, bus=4))
+    assert (removed.action, removed.usb_path, removed.sysfs_name) == (REMOVED, "3-2.4.1", "4-2.4.1")
+
+
+def test_udev_stale_superspeed_remove_after_the_high_speed_add(fake: FakeSysfs) -> None:
+    """Into Recovery the device drops from SuperSpeed to high speed: `4-2.4.1` leaves, `3-2.4.1`
+    arrives, and the two halves' uevents may come the other way round. The late remove must not end
+    the Recovery device that now holds the port."""
+    usb3_bench(fake)
+    source = UdevHotplug(sysfs=UsbSysfs(fake.root))
+    source.translate(udev_add("4-2.4.1", 0x12A8, PRO_SERIAL, 7, bus=4))
+    fake.remove("4-2.4.1")
+    recovery_serial = RECOVERY_SERIAL.replace("001A2C3E0E12802E", "001E2D4A0C38801E")
+    fake.add("3-2.4.1", 0x05AC, 0x1281, recovery_serial, devnum=30)
+    events = source.translate(udev_add("3-2.4.1", 0x1281, mangled(recovery_serial), 30))
+    assert summary(events) == [
+        ("removed", "3-2.4.1", DeviceMode.NORMAL, 0x001E2D4A0C38801E),
+        ("added", "3-2.4.1", DeviceMode.RECOVERY, 0x001E2D4A0C38801E),
+    ]
+    assert source.translate(udev_remove("4-2.4.1", 0x12A8, 7, bus=4)) == []  # stale
+    assert source.present["3-2.4.1"].mode is DeviceMode.RECOVERY
+    [gone] = source.translate(udev_remove("3-2.4.1", 0x1281, 30))
+    assert (gone.usb_path, gone.mode) == ("3-2.4.1", DeviceMode.RECOVERY)
 
 
 # ----------------------------------------------------------------------- udev: real netlink socket

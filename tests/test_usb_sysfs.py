@@ -1,9 +1,11 @@
 """`daemon.usb.sysfs` against fake sysfs trees laid out as the kernel does: real device directories
-under `devices/pci.../usbN/...`, symlinked from `bus/usb/devices/`, interfaces and root hubs alongside."""
+under `devices/pci.../usbN/...`, symlinked from `bus/usb/devices/`, interfaces and root hubs alongside,
+hub ports below the hub interfaces, and the `peer` links between the two halves of USB 3 hubs."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,17 @@ IPHONE_SERIAL = "00008030001A2C3E0E12802E"
 RECOVERY_SERIAL = (
     "CPID:8030 CPRV:11 CPFM:03 SCEP:01 BDID:0C ECID:001A2C3E0E12802E IBFL:3C SRNM:[F2LXK3ABHG7F]"
 )
+PRO_SERIAL = "00008130001E2D4A0C38801E"  # an iPhone 15 Pro (USB-C, SuperSpeed with a USB 3 cable)
 
 
 class FakeSysfs:
-    """Builds `<tmp>/devices/pci0000:00/0000:00:14.0/usbN/...` and the `<tmp>/bus/usb/devices` links."""
+    """Builds `<tmp>/devices/pci0000:00/0000:00:14.0/usbN/...` and the `<tmp>/bus/usb/devices` links.
+
+    Ports (`xhci`, `usb3_hub`, `ports`) are laid out as `drivers/usb/core/port.c` registers them: a
+    device `<hub>-portN` below the hub's interface (`3-2/3-2:1.0/3-2-port4`; for a root hub
+    `usb3/3-0:1.0/usb3-port2`), not linked from `bus/usb/devices`. `link_peers` adds the kernel's
+    `peer` symlinks (relative, both ways); `remove` drops the other half's link too, as
+    `unlink_peers` does when a hub goes."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -39,15 +48,69 @@ class FakeSysfs:
         if not link.is_symlink():
             link.symlink_to(os.path.relpath(real, self.root))
 
-    def root_hub(self, bus: int) -> None:
+    def root_hub(self, bus: int, *, superspeed: bool = False, ports: int = 0) -> None:
+        """Root hub `usbN` (what xHCI registers: USB 2 `1d6b:0002` at 480, or `1d6b:0003` at 5000)."""
         real = self._real_dir(str(bus))
         real.mkdir(parents=True, exist_ok=True)
-        self._write(real, busnum=bus, devnum=1, devpath="0", idVendor="1d6b", idProduct="0002", maxchild=12)
+        self._write(
+            real,
+            busnum=bus,
+            devnum=1,
+            devpath="0",
+            idVendor="1d6b",
+            idProduct="0003" if superspeed else "0002",
+            bDeviceClass="09",
+            bDeviceProtocol="03" if superspeed else "01",
+            bConfigurationValue=1,
+            maxchild=max(ports, 12),
+            speed=5000 if superspeed else 480,
+            version=" 3.00" if superspeed else " 2.00",
+        )
         self._link(f"usb{bus}", real)
         iface = real / f"{bus}-0:1.0"
         iface.mkdir(exist_ok=True)
         self._link(f"{bus}-0:1.0", iface)
         self._next_devnum.setdefault(bus, 2)
+        self.ports(f"usb{bus}", ports)
+
+    def xhci(
+        self, usb2_bus: int, ss_bus: int, *, ports: int = 4, pairs: Mapping[int, int] | None = None
+    ) -> None:
+        """An xHCI controller's two root hubs, their ports peered: USB 2 port -> SuperSpeed port
+        `pairs` (by firmware location, so numbers may differ), by default port N with port N."""
+        self.root_hub(usb2_bus, ports=ports)
+        self.root_hub(ss_bus, superspeed=True, ports=ports)
+        for usb2_port, ss_port in (pairs or {n: n for n in range(1, ports + 1)}).items():
+            self.link_peers((f"usb{usb2_bus}", usb2_port), (f"usb{ss_bus}", ss_port))
+
+    def usb3_hub(self, usb2_name: str, ss_name: str, *, ports: int = 4) -> None:
+        """A USB 3 hub (Genesys GL3523-like): its USB 2 half at `usb2_name`, its SuperSpeed half at
+        `ss_name`, ports peered one to one."""
+        self.add(usb2_name, 0x05E3, 0x0610, hub=True, bDeviceProtocol="02", maxchild=ports)
+        self.add(ss_name, 0x05E3, 0x0626, hub=True, bDeviceProtocol="03", maxchild=ports, speed=5000)
+        self.ports(usb2_name, ports)
+        self.ports(ss_name, ports)
+        for n in range(1, ports + 1):
+            self.link_peers((usb2_name, n), (ss_name, n))
+
+    def port_dir(self, hub: str, port: int) -> Path:
+        """The real directory of port `port` of `hub` (a device name, or `usbN` for a root hub)."""
+        if hub.startswith("usb"):
+            bus = hub.removeprefix("usb")
+            return self._real_dir(bus) / f"{bus}-0:1.0" / f"{hub}-port{port}"
+        return self._real_dir(hub) / f"{hub}:1.0" / f"{hub}-port{port}"
+
+    def ports(self, hub: str, count: int) -> None:
+        for n in range(1, count + 1):
+            port_dir = self.port_dir(hub, n)
+            port_dir.mkdir(parents=True, exist_ok=True)
+            self._write(port_dir, connect_type="hotplug")
+
+    def link_peers(self, a: tuple[str, int], b: tuple[str, int]) -> None:
+        """`peer` in each port directory, pointing at the other (relative, as kernfs writes it)."""
+        a_dir, b_dir = self.port_dir(*a), self.port_dir(*b)
+        (a_dir / "peer").symlink_to(os.path.relpath(b_dir, a_dir))
+        (b_dir / "peer").symlink_to(os.path.relpath(a_dir, b_dir))
 
     def add(
         self,
@@ -94,7 +157,9 @@ class FakeSysfs:
                 entry.unlink()
         real = self._real_dir(name)
         for path in sorted(real.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            path.unlink() if path.is_file() else path.rmdir()
+            if path.name == "peer" and path.is_symlink():
+                (path.parent / os.readlink(path) / "peer").unlink(missing_ok=True)
+            path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
         real.rmdir()
 
     @staticmethod
@@ -205,3 +270,104 @@ def test_missing_root(tmp_path: Path) -> None:
     assert sysfs.apple_devices() == []
     assert sysfs.path_for_location_id(0x30011) is None
     assert UsbSysfs(tmp_path).available()
+
+
+# ------------------------------------------------------------------------------------- USB 3 hubs
+
+
+def usb3_bench(fake: FakeSysfs) -> None:
+    """An xHCI controller (bus 3 USB 2, bus 4 SuperSpeed) with a USB 3 hub on root port 2 (`3-2` /
+    `4-2`) and a second one chained on its port 4 (`3-2.4` / `4-2.4`): an iPhone 15 Pro at
+    SuperSpeed on the chained hub's port 1, a Lightning iPhone at high speed on its port 3."""
+    fake.xhci(3, 4)
+    fake.usb3_hub("3-2", "4-2")
+    fake.usb3_hub("3-2.4", "4-2.4")
+    fake.add("4-2.4.1", 0x05AC, 0x12A8, PRO_SERIAL, devnum=7, speed=5000)
+    fake.add("3-2.4.3", 0x05AC, 0x12A8, IPHONE_SERIAL, devnum=17)
+
+
+def test_fake_peer_links_are_laid_out_as_the_kernel_does(fake: FakeSysfs) -> None:
+    usb3_bench(fake)
+    root_port = fake.root / "4-0:1.0" / "usb4-port2" / "peer"
+    hub_port = fake.root / "4-2.4:1.0" / "4-2.4-port1" / "peer"
+    assert os.readlink(root_port) == "../../../usb3/3-0:1.0/usb3-port2"
+    assert Path(os.path.realpath(hub_port)) == fake.port_dir("3-2.4", 1)
+    assert str(fake.port_dir("3-2.4", 1)).endswith("usb3/3-2/3-2.4/3-2.4:1.0/3-2.4-port1")
+    assert not (fake.root / "3-2.4-port1").exists()  # port devices are not in bus/usb/devices
+
+
+def test_superspeed_device_is_named_by_the_usb2_side(fake: FakeSysfs) -> None:
+    usb3_bench(fake)
+    sysfs = UsbSysfs(fake.root)
+    assert (sysfs.superspeed_bus(4), sysfs.superspeed_bus(3), sysfs.superspeed_bus(9)) == (True, False, False)
+    assert sysfs.canonical_path("4-2.4.1") == "3-2.4.1"  # two levels of hub below the root port
+    assert sysfs.canonical_path("4-2.4") == "3-2.4"
+    assert sysfs.canonical_path("4-2") == "3-2"  # a root hub port
+    assert sysfs.peer_path("4-2.4.1") == "3-2.4.1"
+    # a high-speed device is already on the USB 2 side, though its port has a peer
+    assert sysfs.canonical_path("3-2.4.3") == "3-2.4.3"
+    assert sysfs.peer_path("3-2.4.3") == "4-2.4.3"
+    assert sysfs.path_for_location_id(location_id(4, 7)) == "4-2.4.1"  # the kernel's name, unchanged
+
+
+def test_root_ports_paired_by_location(fake: FakeSysfs) -> None:
+    """Firmware may pair root ports with different numbers (SuperSpeed port 1 = USB 2 port 5)."""
+    fake.xhci(3, 4, ports=6, pairs={5: 1, 6: 2})
+    fake.usb3_hub("3-5", "4-1")
+    fake.add("4-1.2", 0x05AC, 0x12A8, PRO_SERIAL, speed=5000)
+    sysfs = UsbSysfs(fake.root)
+    assert sysfs.canonical_path("4-1") == "3-5"
+    assert sysfs.canonical_path("4-1.2") == "3-5.2"
+    assert sysfs.canonical_path("4-3") == "4-3"  # a root port without a peer
+
+
+def test_canonical_path_needs_the_hub_not_the_device(fake: FakeSysfs) -> None:
+    usb3_bench(fake)
+    sysfs = UsbSysfs(fake.root)
+    fake.remove("4-2.4.1")
+    assert sysfs.canonical_path("4-2.4.1") == "3-2.4.1"  # the link is on the hub's port
+    fake.remove("4-2.4")  # the chained hub's SuperSpeed half goes; the kernel unlinks both sides
+    assert not (fake.port_dir("3-2.4", 1) / "peer").exists()
+    assert sysfs.canonical_path("4-2.4.1") == "4-2.4.1"
+    assert sysfs.canonical_path("4-2.4") == "3-2.4"
+
+
+def test_missing_or_odd_peer_leaves_the_name(fake: FakeSysfs, tmp_path: Path) -> None:
+    usb3_bench(fake)
+    fake.add("4-2.2", 0x05AC, 0x12A8, speed=5000)
+    fake.add("4-2.3", 0x05AC, 0x12A8, speed=5000)
+    sysfs = UsbSysfs(fake.root)
+    (fake.port_dir("4-2.4", 1) / "peer").unlink()
+    assert sysfs.canonical_path("4-2.4.1") == "4-2.4.1"
+    assert sysfs.peer_path("4-2.4.1") is None
+    odd = fake.port_dir("4-2", 2) / "peer"
+    odd.unlink()
+    odd.symlink_to("../../../../usb3/3-2/3-2:1.0/3-2-power")  # not a port device
+    assert sysfs.canonical_path("4-2.2") == "4-2.2"
+    plain = fake.port_dir("4-2", 3) / "peer"
+    plain.unlink()
+    plain.write_text("3-2-port3\n")  # a file, not a link
+    assert sysfs.canonical_path("4-2.3") == "4-2.3"
+    (fake.root / "4-2" / "bConfigurationValue").write_text("\n")  # unreadable: configuration 1
+    assert sysfs.canonical_path("4-2.4") == "3-2.4"
+    for name in ("usb4", "4-0", "4-2.4:1.0", "4-2.0", "", "x-1", "4-2.9", "5-1"):
+        assert sysfs.canonical_path(name) == name
+        assert sysfs.peer_path(name) is None
+    nowhere = UsbSysfs(tmp_path / "absent")
+    assert nowhere.canonical_path("4-2.4.1") == "4-2.4.1"
+    assert nowhere.peer_path("4-2.4.1") is None
+
+
+def test_bus_speed_from_version_when_speed_is_unreadable(fake: FakeSysfs) -> None:
+    fake.xhci(3, 4)
+    sysfs = UsbSysfs(fake.root)
+    speed, version = fake.root / "usb4" / "speed", fake.root / "usb4" / "version"
+    speed.write_text("unknown\n")
+    assert sysfs.superspeed_bus(4)  # version " 3.00"
+    version.write_text(" 2.00\n")
+    assert not sysfs.superspeed_bus(4)
+    speed.write_text("10000\n")  # SuperSpeed+ outranks a garbled version
+    assert sysfs.superspeed_bus(4)
+    speed.unlink()
+    version.unlink()
+    assert not sysfs.superspeed_bus(4)

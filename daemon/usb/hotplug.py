@@ -18,6 +18,14 @@ the device had when it arrived, because a remove uevent has no sysfs attributes 
 device that re-enumerates on the same path (normal -> Recovery -> normal) is a `removed` then an
 `added`, with the same ECID throughout when the serials carry it.
 
+Paths are canonical: a device enumerated at SuperSpeed under the SuperSpeed half of a USB 3 hub
+(`4-2.4`) is reported on the USB 2 side's path (`3-2.4`, `UsbSysfs.canonical_path`), so a port has one
+path whatever speed the device runs at (an iPhone 15 Pro at 5 Gbit/s in normal mode comes back at
+high speed in Recovery). The kernel's name is kept as `UsbEvent.sysfs_name`. The sysfs-backed sources
+canonicalise when they see a device arrive; a `remove` uevent finds the path its `add` was given,
+since by then the device's sysfs entry (and, when a whole hub went, its `peer` links) is gone.
+`PyusbEnumerator` (macOS) has no sysfs and no peer links: its paths are left as libusb builds them.
+
 Only iOS devices are reported (Apple VID and a PID `apple.classify_pid` knows); hubs, keyboards and
 the rest of USB are ignored. Nothing here raises out of the stream for an odd device or a failing
 read: it is logged (logger `benchhub.usb`) and skipped, and the stream goes on.
@@ -72,6 +80,14 @@ class UsbEvent:
     location_id: int | None = None
     """`(bus << 16) | devnum` as Linux usbmuxd reports it, for matching `Attached` messages; valid
     for this enumeration only."""
+    sysfs_name: str | None = None
+    """The kernel's name for the device when it is not `usb_path` (a SuperSpeed device: `4-2.4` on
+    `3-2.4`); None when they are the same."""
+
+    @property
+    def enumerated_as(self) -> str:
+        """The name the kernel gave this enumeration, as uevents spell it."""
+        return self.sysfs_name or self.usb_path
 
     @property
     def ecid_hex(self) -> str | None:
@@ -95,6 +111,24 @@ class UsbSighting:
     serial: str | None = None
     bus: int | None = None
     devnum: int | None = None
+    sysfs_name: str | None = None
+    """The kernel's name when `usb_path` is the USB 2 side's instead (see the module docstring)."""
+
+
+def on_usb2_side(sysfs: UsbSysfs, sighting: UsbSighting) -> UsbSighting:
+    """`sighting` on its canonical path (`UsbSysfs.canonical_path`); unchanged off SuperSpeed."""
+    path = sysfs.canonical_path(sighting.usb_path)
+    if path == sighting.usb_path:
+        return sighting
+    return replace(sighting, usb_path=path, sysfs_name=sighting.usb_path)
+
+
+def sysfs_sightings(sysfs: UsbSysfs) -> list[UsbSighting]:
+    """Every Apple device in sysfs, on its canonical path."""
+    return [
+        on_usb2_side(sysfs, UsbSighting(d.name, d.vendor_id, d.product_id, d.serial, d.busnum, d.devnum))
+        for d in sysfs.apple_devices()
+    ]
 
 
 def event_for(action: UsbAction, sighting: UsbSighting) -> UsbEvent | None:
@@ -126,6 +160,7 @@ def event_for(action: UsbAction, sighting: UsbSighting) -> UsbEvent | None:
         ecid=identity.ecid,
         udid=identity.udid,
         location_id=location,
+        sysfs_name=sighting.sysfs_name,
     )
 
 
@@ -159,6 +194,10 @@ class DeviceMap:
             self._present[sighting.usb_path] = event
             out.append(event)
         return out
+
+    def path_of(self, sysfs_name: str) -> str | None:
+        """The path of the device present under the kernel name `sysfs_name`, if any."""
+        return next((p for p, e in self._present.items() if e.enumerated_as == sysfs_name), None)
 
     def remove(self, usb_path: str, sighting: UsbSighting | None = None) -> list[UsbEvent]:
         """The removal of what was last seen on `usb_path`; if nothing was, the removal `sighting`
@@ -357,14 +396,26 @@ class UdevHotplug:
         if sighting is None:
             return []
         if action == "add":
-            return self.devices.add(sighting)
-        return self.devices.remove(sighting.usb_path, sighting)
+            return self.devices.add(on_usb2_side(self.sysfs, sighting))
+        return self._removed(sighting)
+
+    def _removed(self, sighting: UsbSighting) -> list[UsbEvent]:
+        """A remove uevent names the device as the kernel did and its sysfs entry is gone: the path
+        is the one its `add` was given. A device that arrived before we looked is resolved through
+        its parent hub's port, if that is still there. A remove for a device whose port is by now
+        held by another enumeration (a device that dropped from SuperSpeed to high speed, with the
+        new `add` first) is stale and ignored."""
+        path = self.devices.path_of(sighting.usb_path)
+        if path is not None:
+            return self.devices.remove(path)
+        late = on_usb2_side(self.sysfs, sighting)
+        if late.usb_path in self.devices.present:
+            log.debug("usb_udev_stale_remove", sysfs_name=sighting.usb_path, usb_path=late.usb_path)
+            return []
+        return self.devices.remove(late.usb_path, late)
 
     def _scan(self) -> list[UsbSighting]:
-        return [
-            UsbSighting(d.name, d.vendor_id, d.product_id, d.serial, d.busnum, d.devnum)
-            for d in self.sysfs.apple_devices()
-        ]
+        return sysfs_sightings(self.sysfs)
 
     async def events(self) -> AsyncIterator[UsbEvent]:
         monitor = self._monitor if self._monitor is not None else open_udev_monitor(self._context)
@@ -414,15 +465,14 @@ class SysfsEnumerator:
     async def scan(self) -> list[UsbSighting]:
         if not self.sysfs.available():
             raise OSError(f"cannot list {self.sysfs.root}")
-        return [
-            UsbSighting(d.name, d.vendor_id, d.product_id, d.serial, d.busnum, d.devnum)
-            for d in self.sysfs.apple_devices()
-        ]
+        return sysfs_sightings(self.sysfs)
 
 
 class PyusbEnumerator:
-    """Enumeration through pyusb (`usb.core.find`); the path is `f"{bus}-{'.'.join(port_numbers)}"`.
-    Reading a serial opens the device, so it is done once per (path, address, PID), in a thread."""
+    """Enumeration through pyusb (`usb.core.find`); the path is `f"{bus}-{'.'.join(port_numbers)}"`,
+    as libusb reports it: without sysfs there are no `peer` links, so a SuperSpeed device keeps its
+    own path (not canonical). Reading a serial opens the device, so it is done once per (path,
+    address, PID), in a thread."""
 
     name = "pyusb"
 

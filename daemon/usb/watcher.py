@@ -1,6 +1,6 @@
 """Which iOS device is on which USB path, from usbmuxd and USB hotplug together.
 
-`DeviceWatcher(usbmux, hotplug, sysfs).events()` is the `DeviceBackend.watch()` stream
+`DeviceWatcher(usbmux, hotplug, sysfs).events()` is the station's device stream
 (`DeviceSeen` / `DeviceGone` of `daemon.ios.base`), keyed by USB path (sysfs naming, `3-2.4.1`):
 
 * usbmuxd is authoritative for normal mode (it brings the UDID). An `Attached` is placed on a path
@@ -11,6 +11,13 @@
 * Hotplug is authoritative for Recovery/DFU (not usbmuxd devices): `added` there is a
   `DeviceSeen(path, mode, udid=None, ecid)`, `removed` a `DeviceGone`. A normal-mode `added` emits
   nothing by itself; it records the path's serial/ECID for the correlation above.
+
+Every path is canonical, the USB 2 side's (`UsbSysfs.canonical_path`): a device running at
+SuperSpeed under a USB 3 hub is enumerated on the hub's SuperSpeed half (`4-2.4`) but reported on
+the port's USB 2 path (`3-2.4`), the one the topology knows, so its port does not change when the
+device drops to high speed (Recovery, DFU). A usbmuxd device is canonicalised here when it is placed;
+hotplug events arrive canonical from their source (which must remember the path for a removal,
+after sysfs is gone). Without sysfs (macOS) paths are what libusb reports.
 
 Each path has one wanted state, derived after every input: the newest usbmuxd device placed there,
 else a Recovery/DFU device hotplug reports there, else nothing. Only changes are emitted:
@@ -28,10 +35,11 @@ else a Recovery/DFU device hotplug reports there, else nothing. Only changes are
 
 Both sources run as tasks of a TaskGroup inside the generator, feeding one queue; the generator body
 alone changes the state, so no locks. A source that raises (or ends) is logged and restarted after
-`backoff_delay`; nothing propagates out of the stream except cancellation. Placing a usbmuxd device
-is done in the usbmuxd task (so a slow sysfs never holds up hotplug), in order, so a `Detached` is
-never seen before its `Attached`; the price is that usbmuxd events queue behind an unplaceable
-device for up to `resolve_timeout`.
+`backoff_delay`; nothing propagates out of the stream except cancellation. Each usbmuxd `Attached`
+is placed by a task of its own, so a device that cannot be placed yet (sysfs lags) holds up no other
+device. Its `Detached` keeps the order: if the placement is still running it is cancelled and the
+device is never reported (it came and went before it could be tied to a port: a flaky cable, a
+reboot right after attaching); if it has finished, the `Detached` is queued after its `_Placed`.
 """
 
 from __future__ import annotations
@@ -105,6 +113,9 @@ class DeviceWatcher:
         """usb path -> the last hotplug `added` there (identity for correlation, Recovery/DFU)."""
         self._last: dict[str, DeviceSeen] = {}
         """What was last emitted per path (absent: nothing, or a `DeviceGone`)."""
+        self._placing: dict[int, asyncio.Task[None]] = {}
+        """DeviceID -> its placement task, while it runs."""
+        self._group: asyncio.TaskGroup | None = None
         self.restarts: dict[str, int] = {"usbmux": 0, "hotplug": 0}
         """How often each source was restarted after failing or ending (for tests and doctor)."""
 
@@ -119,8 +130,9 @@ class DeviceWatcher:
         """Devices present (as `DeviceSeen`), then changes, forever; close with `aclose()`."""
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         async with asyncio.TaskGroup() as group:
+            self._group = group
             pumps = [
-                group.create_task(self._pump("usbmux", self.usbmux.events, self._place, queue)),
+                group.create_task(self._pump("usbmux", self.usbmux.events, self._route_usbmux, queue)),
                 group.create_task(self._pump("hotplug", self.hotplug.events, _identity, queue)),
             ]
             try:
@@ -138,14 +150,15 @@ class DeviceWatcher:
                 # GeneratorExit in a BaseExceptionGroup) and only cancels the pumps.
                 pass
             finally:
-                for pump in pumps:
-                    pump.cancel()
+                for task in [*pumps, *self._placing.values()]:
+                    task.cancel()
+                self._placing.clear()
 
     async def _pump(
         self,
         name: str,
         open_stream: Callable[[], AsyncIterator[Any]],
-        convert: Callable[[Any], Awaitable[_Item | None]],
+        convert: Callable[[Any, asyncio.Queue[_Item]], Awaitable[_Item | None]],
         queue: asyncio.Queue[_Item],
     ) -> None:
         """Run one source forever: restart it (after backoff) when it raises or ends."""
@@ -156,7 +169,7 @@ class DeviceWatcher:
                 stream = open_stream()
                 async for raw in stream:
                     failures = 0
-                    item = await convert(raw)
+                    item = await convert(raw, queue)
                     if item is not None:
                         queue.put_nowait(item)
                 log.warning("usb_watcher_source_ended", source=name)
@@ -177,11 +190,24 @@ class DeviceWatcher:
 
     # -- placing usbmuxd devices ------------------------------------------------------------------
 
-    async def _place(self, event: object) -> _Item | None:
+    async def _route_usbmux(self, event: object, queue: asyncio.Queue[_Item]) -> _Item | None:
+        """A `Detached` goes straight to the queue (or cancels its device's placement); an `Attached`
+        starts a placement that queues a `_Placed` when done."""
         if isinstance(event, UsbmuxDetached):
-            return event
-        if not isinstance(event, UsbmuxAttached):
+            placing = self._placing.pop(event.device_id, None)
+            if placing is None:
+                return event
+            placing.cancel()
+            log.info("usb_watcher_device_left_unplaced", device_id=event.device_id)
             return None
+        if isinstance(event, UsbmuxAttached):
+            assert self._group is not None
+            if (stale := self._placing.pop(event.device_id, None)) is not None:
+                stale.cancel()  # a restarted usbmuxd reuses DeviceIDs
+            self._placing[event.device_id] = self._group.create_task(self._place(event, queue))
+        return None
+
+    async def _place(self, event: UsbmuxAttached, queue: asyncio.Queue[_Item]) -> None:
         try:
             path = await self.locate(event)
         except Exception as exc:
@@ -194,7 +220,9 @@ class DeviceWatcher:
                 device_id=event.device_id,
                 location_id=f"0x{event.location_id:x}",
             )
-        return _Placed(event, path)
+        if self._placing.get(event.device_id) is asyncio.current_task():
+            del self._placing[event.device_id]
+            queue.put_nowait(_Placed(event, path))
 
     async def locate(self, attached: UsbmuxAttached) -> str | None:
         """The USB path of a usbmuxd device: by LocationID in sysfs (retried until `resolve_timeout`,
@@ -218,7 +246,7 @@ class DeviceWatcher:
             return None
         if device.serial and _bare(device.serial) != _bare(attached.udid):
             return None  # a stale LocationID now naming another device (devnums are reused)
-        return device.name
+        return self.sysfs.canonical_path(device.name)
 
     def _by_serial(self, udid: str) -> str | None:
         wanted = _bare(udid)
@@ -289,5 +317,5 @@ def _same_device(old: DeviceSeen, new: DeviceSeen) -> bool:
     return old.ecid is None or new.ecid is None or old.ecid == new.ecid
 
 
-async def _identity(event: UsbEvent) -> UsbEvent:
+async def _identity(event: UsbEvent, _queue: object) -> UsbEvent:
     return event
