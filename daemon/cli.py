@@ -19,9 +19,10 @@ from typing import TextIO
 
 from daemon import __version__
 from daemon.board import elapsed, live, render, summary
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import CambrionixHubConfig, Config, ConfigError, HubConfig, load_config
 from daemon.doctor import check_hubs
 from daemon.doctor import render as render_doctor
+from daemon.hubsetup import port_count
 from daemon.logs import configure_logging
 from daemon.models import PortState
 from daemon.mqtt.broker import BrokerUnavailable
@@ -30,6 +31,9 @@ from daemon.report import DeviceOutcome, outcomes, render_outcomes
 from daemon.sim.demo import DemoOptions, demo_config, technician
 from daemon.station import Station, build_sim_world
 from daemon.store import Store, StoreError
+from daemon.usb.hotplug import open_hotplug
+from daemon.usb.learn import FdLines, HubToLearn, LearnError, learn_ports
+from daemon.usb.portmap import describe_port_map, load_port_map, render_port_map, save_port_map
 from daemon.workflow.phases import SETTLED, Phase
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -82,12 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print every port's state from the station's database")
     status.add_argument("--config", "-c", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="one JSON document per port")
+
+    ports = sub.add_parser("ports", help="the station's port map: which USB path each hub port has")
+    ports_sub = ports.add_subparsers(dest="ports_command", required=True)
+    learn = ports_sub.add_parser(
+        "learn", help="plug an iPhone into each port in turn and save each port's USB path"
+    )
+    learn.add_argument("--config", "-c", type=Path, required=True, help="station TOML file")
+    learn.add_argument("--hub", help="learn only this hub (default: every hub in the config)")
+    learn.add_argument("--output", "-o", type=Path, help="port map file (default: [station] port_map)")
+    show = ports_sub.add_parser("show", help="print the station's port map")
+    show.add_argument("--config", "-c", type=Path, required=True, help="station TOML file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "demo": _demo, "doctor": _doctor, "status": _status}
+    commands = {"run": _run, "demo": _demo, "doctor": _doctor, "status": _status, "ports": _ports}
     try:
         return commands[args.command](args)
     except ConfigError as exc:
@@ -144,6 +159,119 @@ def _status(args: argparse.Namespace) -> int:
             print(json.dumps(state_document(state)))
     else:
         print(render(states))
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------- ports
+
+
+def _ports(args: argparse.Namespace) -> int:
+    return _ports_learn(args) if args.ports_command == "learn" else _ports_show(args)
+
+
+def _simulated(hub: HubConfig) -> bool:
+    return hub.kind == "sim" or (isinstance(hub, CambrionixHubConfig) and hub.simulate is not None)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+class _Usage(Exception):
+    """A subcommand's usage problem: one line on stderr, exit 2."""
+
+
+def _learn_targets(args: argparse.Namespace, config: Config) -> tuple[Path, list[HubConfig]]:
+    """Where the map goes and which hubs to walk (the chosen ones without the simulated)."""
+    output: Path | None = args.output or config.station.port_map
+    if output is None:
+        raise _Usage("no port map file: set port_map in [station] of the config, or pass --output FILE")
+    chosen = [h for h in config.hubs if args.hub is None or h.id == args.hub]
+    if not chosen:
+        known = ", ".join(h.id for h in config.hubs)
+        raise _Usage(f"--hub {args.hub}: no such hub in {args.config} (hubs: {known})")
+    for hub in chosen:
+        if _simulated(hub) and args.hub is None:
+            print(f"Skipping {hub.id}: simulated, no USB ports.", flush=True)
+    real = [h for h in chosen if not _simulated(h)]
+    if not real:
+        what = f"hub {args.hub} is" if args.hub else "every hub in the config is"
+        raise _Usage(f"{what} simulated: no USB ports to learn")
+    return output, real
+
+
+def _stdin_fd() -> int:
+    try:
+        return sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        raise _Usage("ports learn needs an input (a terminal or a pipe)") from None
+
+
+def _ports_learn(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    try:
+        output, real = _learn_targets(args, config)
+        stdin = _stdin_fd()
+    except _Usage as exc:
+        print(f"benchhub: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        saved = load_port_map(output)
+    except FileNotFoundError:
+        saved = {}
+    learning = {h.id for h in real}
+    fixed = {hub: ports for hub, ports in saved.items() if hub not in learning}
+    configure_logging("warning", "console")
+    hotplug = open_hotplug(interval=0.5)
+    print(f"USB hotplug: {hotplug.description}", flush=True)
+    hubs = [HubToLearn(h.id, port_count(h), h.usb_path) for h in real]
+    try:
+        with FdLines(stdin) as lines:
+            learner = asyncio.run(learn_ports(hubs, hotplug, lines, _say, fixed=fixed))
+    except LearnError as exc:
+        print(f"benchhub: {exc}; nothing saved", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\nbenchhub: interrupted; nothing saved", file=sys.stderr)
+        return EXIT_FAILED
+    if not learner.count:
+        print(f"benchhub: no port learned; {output} left as it was", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        notes = save_port_map(output, learner.learned)
+    except (OSError, ConfigError) as exc:
+        print(f"benchhub: cannot write {output} ({exc}); the learned ports:", file=sys.stderr)
+        print(render_port_map(learner.learned), end="")
+        return EXIT_FAILED
+    for note in notes:
+        print(note)
+    print(f"Saved {learner.count} port(s) to {output}.")
+    if config.station.port_map is None or output.resolve() != config.station.port_map.resolve():
+        print(f'The station reads [station] port_map; set port_map = "{output}" to use this file.')
+    return EXIT_OK
+
+
+def _ports_show(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    path = config.station.port_map
+    if path is None:
+        print(
+            "benchhub: no port map configured: set port_map in [station] of the config,"
+            " then run `benchhub ports learn`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        port_map = load_port_map(path)
+    except FileNotFoundError:
+        print(
+            f"benchhub: no port map at {path} yet (run `benchhub ports learn --config {args.config}`)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"port map {path}")
+    for line in describe_port_map(port_map, {h.id: port_count(h) for h in config.hubs}):
+        print(line)
     return EXIT_OK
 
 

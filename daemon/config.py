@@ -49,6 +49,10 @@ class _Model(BaseModel):
 class StationConfig(_Model):
     id: Annotated[str, Field(pattern=ID_PATTERN)]
     name: str = ""
+    port_map: Path | None = None
+    """The station's port map (physical port -> USB path), written by `benchhub ports learn` and read
+    by `daemon.usb.portmap.load_port_map`. A missing file is fine (not learned yet); it is read by the
+    station, not here, so a config stays valid before the wizard has run."""
 
 
 class StepPolicy(_Model):
@@ -79,6 +83,9 @@ class WorkflowConfig(_Model):
     assignment_poll_interval: Annotated[float, Field(gt=0)] = 30.0
     mdm_server: str = ""
     """Name of the MDM server devices must end up assigned to (as shown in Apple Business Manager)."""
+    reenumeration_window: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """Seconds a device may be off USB and still be the same device on the same port (reboots,
+    Recovery); on hubs that cannot sense unplugging, longer than this counts as unplugged."""
 
     @field_validator("minimum_ios")
     @classmethod
@@ -133,6 +140,9 @@ class SimHubConfig(_HubBase):
     ports: Annotated[int, Field(ge=1, le=64)] = 8
     model: str = "SIM16"
     poll_interval: Annotated[float, Field(gt=0, le=60)] = 0.25
+    attach_sense: bool = True
+    """False simulates a hub that cannot tell whether a port is occupied (a plain USB hub): the
+    station then learns unplugs from USB alone (`workflow.reenumeration_window`)."""
 
 
 class CambrionixHubConfig(_HubBase):
@@ -319,6 +329,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         return base / p
 
     updates: dict[str, Any] = {"storage": cfg.storage.model_copy(update={"path": rel(cfg.storage.path)})}
+    updates["station"] = cfg.station.model_copy(update={"port_map": rel(cfg.station.port_map)})
     if cfg.sim is not None:
         updates["sim"] = cfg.sim.model_copy(update={"state_file": rel(cfg.sim.state_file)})
     mqtt = cfg.mqtt

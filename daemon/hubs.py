@@ -58,6 +58,11 @@ class HubSupervisor:
     def capabilities(self) -> frozenset[Capability]:
         return self._driver.capabilities if self._driver else frozenset()
 
+    def senses_unplug(self) -> bool:
+        """Whether this hub reports a device leaving its port right now (it is online and measures
+        attachment); if not, the port runner decides from how long the device stays off USB."""
+        return self.online and Capability.ATTACH_SENSE in self.capabilities
+
     async def run(self) -> None:
         failures = 0
         while True:

@@ -122,7 +122,7 @@ class HubFactory:
         if isinstance(hub, SimHubConfig):
             world = self.world
             assert world is not None, "sim hubs need the simulated world"
-            return lambda: SimHubDriver(hub.id, hub.ports, world, hub.model)
+            return lambda: SimHubDriver(hub.id, hub.ports, world, hub.model, attach_sense=hub.attach_sense)
         if isinstance(hub, CambrionixHubConfig):
             return lambda: CambrionixDriver(self._device(hub), usb_serial=usb_serial_of(hub.serial_port))
         if isinstance(hub, UsbHubConfig):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -27,9 +29,12 @@ from daemon.mqtt.topics import Topics
 from daemon.sim.backend import SimDeviceBackend, SimFirmware
 from daemon.sim.demo import plug_initial
 from daemon.sim.portal import SimAssignmentSource, SimEnroller
+from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld, build_world
 from daemon.store import Store
+from daemon.usb.portmap import load_port_map_if_present
 from daemon.usb.topology import Topology
+from daemon.usb.watcher import DeviceWatcher
 from daemon.workflow.actions import Action
 from daemon.workflow.limits import Limits
 from daemon.workflow.phases import Phase
@@ -83,6 +88,8 @@ class Station:
         self.renderer = PayloadRenderer(self.topics)
         self.store = Store(config.storage.path, self.renderer)
         self.topology = Topology.from_config((h.id, port_count(h), h.usb_path) for h in config.hubs)
+        for note in self.topology.apply_learned(load_port_map_if_present(config.station.port_map)):
+            self.log.warning("port_map_note", note=note)
         self.hubs = HubFactory(config, self.world)
         self.services = Services(
             backend=SimDeviceBackend(self.world),
@@ -110,11 +117,15 @@ class Station:
                 limits,
                 power_cycle=self.supervisors[ref.hub].power_cycle,
                 on_phase=self._on_phase,
+                senses_unplug=self.supervisors[ref.hub].senses_unplug,
             )
             for ref in self.topology.ports()
         }
         self.store.ensure_ports(self.runners)
         self.mqtt: MqttEndpoint | None = None
+        self.bus: SimUsbBus | None = None
+        """The simulated USB host (sysfs, udev, usbmuxd) while the station runs."""
+        self.watcher: DeviceWatcher | None = None
         self.ready = asyncio.Event()
         self._changes = asyncio.Event()
         self.store.subscribe(self._changes.set)
@@ -122,7 +133,9 @@ class Station:
         self._leds = {hub.id: hub.leds for hub in config.hubs}
         # Device events held until the hub has told us its port map (see `_route`).
         self._held: dict[str, list[DeviceEvent]] = {
-            hub.id: [] for hub in config.hubs if isinstance(hub, CambrionixHubConfig)
+            hub.id: []
+            for hub in config.hubs
+            if isinstance(hub, CambrionixHubConfig) and not self.topology.fully_learned(hub.id)
         }
         self._led_wanted: dict[PortRef, LedPattern] = {}
         self._led_shown: dict[PortRef, LedPattern] = {}
@@ -177,16 +190,19 @@ class Station:
                 else:
                     self._led_shown[ref] = pattern
 
-    async def _watch_devices(self) -> None:
+    async def _watch_devices(self, watcher: DeviceWatcher) -> None:
+        """Route the watcher's events. The watcher restarts its own sources (usbmuxd restarts,
+        garbage on the socket); this loop only guards against a bug ending the stream."""
         failures = 0
         while True:
             try:
-                async for event in self.services.backend.watch():
-                    failures = 0
-                    self._route(event)
-            except Exception as exc:  # usbmuxd gone, garbage on the socket: reconnect, never crash
+                async with contextlib.aclosing(watcher.events()) as events:
+                    async for event in events:
+                        failures = 0
+                        self._route(event)
+            except Exception as exc:
                 failures += 1
-                self.log.warning("device_watch_failed", error=str(exc), failures=failures)
+                self.log.exception("device_watch_failed", error=repr(exc), failures=failures)
             await asyncio.sleep(backoff_delay(failures))
 
     def _route(self, event: DeviceEvent) -> None:
@@ -252,7 +268,22 @@ class Station:
         if recovered:
             self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
         password = read_secret(self.config.mqtt.password_file) if self.config.mqtt.password_file else None
-        async with self._broker() as endpoint, self.hubs.running(), asyncio.TaskGroup() as group:
+        bus = self.bus = SimUsbBus(self.world, Path(tempfile.mkdtemp(prefix="benchhub-usb-")))
+        self.watcher = bus.watcher()
+        try:
+            await self._run(stop, bus, self.watcher, password)
+        finally:
+            bus.close()
+
+    async def _run(
+        self, stop: asyncio.Event, bus: SimUsbBus, watcher: DeviceWatcher, password: str | None
+    ) -> None:
+        async with (
+            self._broker() as endpoint,
+            self.hubs.running(),
+            bus.running(),
+            asyncio.TaskGroup() as group,
+        ):
             self.mqtt = endpoint
             mqtt_config = self.config.mqtt
             if mqtt_config.embedded:
@@ -267,7 +298,7 @@ class Station:
             workers = [
                 *(group.create_task(r.run(), name=f"runner {r.ref}") for r in self.runners.values()),
                 *(group.create_task(s.run(), name=f"hub {s.hub_id}") for s in self.supervisors.values()),
-                group.create_task(self._watch_devices(), name="device watcher"),
+                group.create_task(self._watch_devices(watcher), name="device watcher"),
                 group.create_task(self._show_leds(), name="hub leds"),
             ]
             self.log.info(
@@ -276,6 +307,7 @@ class Station:
                 hubs=len(self.supervisors),
                 ports=len(self.runners),
                 mqtt=f"{endpoint.host}:{endpoint.port}",
+                usbmuxd=bus.socket_path,
             )
             self.ready.set()
             await stop.wait()

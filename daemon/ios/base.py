@@ -7,7 +7,7 @@ cfgutil. Steps see only this protocol and typed errors, so the workflow is the s
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -130,9 +130,9 @@ class UnsupportedDeviceError(DeviceError):
 
 
 class DeviceBackend(Protocol):
-    def watch(self) -> AsyncIterator[DeviceEvent]:
-        """Every appearance and disappearance of a device, starting with those already present."""
-        ...
+    """Operations on one device, named by UDID. Which device is where is not the backend's business:
+    the station learns it from USB itself (`daemon.usb.watcher.DeviceWatcher`), the same way for
+    every backend."""
 
     async def info(self, udid: str) -> DeviceInfo: ...
 

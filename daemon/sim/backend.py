@@ -1,20 +1,18 @@
 """Simulated device operations with realistic durations, re-enumeration and injected faults.
 
-This is the seam a later usbmuxd/lockdown-level simulator plugs into: it implements the same
-`DeviceBackend` protocol the pymobiledevice3 backend does. Durations are seconds of real life, run
-`speed` times faster.
+It implements the same `DeviceBackend` protocol the pymobiledevice3 backend does; the devices'
+comings and goings reach the station through the simulated USB host (`daemon.sim.usbbus`).
+Durations are seconds of real life, run `speed` times faster.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Final
 
 from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
 from daemon.ios.base import (
     CloudConfig,
     DeviceError,
-    DeviceEvent,
     DeviceGoneError,
     DeviceInfo,
     DeviceMode,
@@ -107,9 +105,6 @@ class SimDeviceBackend:
         self.world = world
         self.ops = SimOps(world)
 
-    def watch(self) -> AsyncIterator[DeviceEvent]:
-        return self.world.events()
-
     async def info(self, udid: str) -> DeviceInfo:
         device, ref = self.ops.locate(udid)
         await self.ops.run("detect", device, ref)
@@ -121,8 +116,15 @@ class SimDeviceBackend:
             raise UnexpectedReplyError(f"{device.product_type} does not support iOS {target.version}")
         progress(0, "entering recovery mode")
         self.world.reenumerate(device, DeviceMode.RECOVERY)
+
+        def restoring(percent: int | None, _detail: str | None) -> None:
+            if device.mode is DeviceMode.RECOVERY and self.world.port_of(device.ecid) == ref:
+                # iBoot has booted the restore ramdisk: back on usbmuxd as `restored`, new DeviceID.
+                self.world.reenumerate(device, DeviceMode.RESTORE)
+            progress(percent, "restoring")
+
         try:
-            await self.ops.run("update", device, ref, lambda p, _d: progress(p, "restoring"), ticks=20)
+            await self.ops.run("update", device, ref, restoring, ticks=20)
         finally:
             # Until the final reboot the old system is intact: an interrupted restore leaves the
             # device where it was (the real-hardware case of a device stuck in Recovery is issue 5's).
@@ -134,6 +136,10 @@ class SimDeviceBackend:
         device.completed["update"] += 1
         self.world.save()
         self.world.reappear(device)
+        try:
+            await self.world.until_on_host(device)
+        except TimeoutError:
+            raise DeviceGoneError(f"device {device.serial} did not come back after the restore") from None
 
     async def erase(self, udid: str) -> None:
         device, ref = self.ops.locate(udid)

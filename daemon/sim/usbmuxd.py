@@ -185,9 +185,12 @@ class FakeUsbmuxd:
         *,
         connection_type: str = "USB",
         speed: int = HIGH_SPEED,
+        devnum: int | None = None,
     ) -> MuxDevice | None:
         """A device enumerated on `usb_path`: whatever was there leaves first. Returns the new
-        usbmuxd entry, or None for Recovery/DFU (not usbmuxd devices)."""
+        usbmuxd entry, or None for Recovery/DFU (not usbmuxd devices). `devnum` is the kernel's
+        device number for this enumeration (a simulated bus that also writes sysfs passes its own,
+        so LocationID and sysfs agree); by default the next free one on the bus."""
         if isinstance(device, SimDevice):
             mode = mode or device.mode
             device = device.info()
@@ -204,7 +207,7 @@ class FakeUsbmuxd:
         entry = MuxDevice(
             device_id=self._new_device_id(),
             usb_path=usb_path,
-            location_id=bus_devnum_to_location(bus, self._new_devnum(bus)),
+            location_id=bus_devnum_to_location(bus, devnum if devnum is not None else self._new_devnum(bus)),
             product_id=PRODUCT_IDS.get(device.device_class, 0x12A8),
             connection_type=connection_type,
             speed=speed,

@@ -77,9 +77,12 @@ class SimWorld:
     faults: list[Fault] = field(default_factory=list)
     wiring: dict[str, HubWiring] = field(default_factory=dict)
     generated: int = 0
+    host_sees: Callable[[SimDevice], bool] | None = None
+    """Whether the host (usbmuxd) shows this device in normal mode; set by the simulated USB host."""
     _listeners: list[asyncio.Queue[DeviceEvent]] = field(default_factory=list)
     _rng: random.Random = field(default_factory=random.Random)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _host_change: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -214,6 +217,18 @@ class SimWorld:
             return
         self._emit(DeviceGone(self.usb_path(ref)))
         self._announce(ref, device)
+
+    def host_changed(self) -> None:
+        """The simulated host's view changed (a usbmuxd attach): wake `until_on_host` waiters."""
+        self._host_change.set()
+
+    async def until_on_host(self, device: SimDevice, within: float = 10.0) -> None:
+        """Wait until the host sees the device back in normal mode, as a real restore only ends when
+        the rebooted device answers over usbmuxd (no-op without a simulated host)."""
+        async with asyncio.timeout(within):
+            while self.host_sees is not None and not self.host_sees(device):
+                self._host_change.clear()
+                await self._host_change.wait()
 
     def vanish(self, device: SimDevice) -> None:
         ref = self.port_of(device.ecid)

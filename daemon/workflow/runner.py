@@ -4,6 +4,16 @@ Each port has one long-lived runner task that handles its signals in order (devi
 absent, unplugged, operator action), so nothing about a port ever races with itself. The workflow
 for the device on the port runs as a child task: unplugging cancels it and records `interrupted`;
 the same device plugged back resumes where the store says it was.
+
+Leaving USB is not leaving the port. A device re-enumerates during a restore (normal -> Recovery ->
+restore mode -> normal), an erase and every reboot; while it is gone the port keeps it, and the
+same ECID (or UDID) coming back is the same device. What ends a device's stay:
+
+* the hub saying the port is empty (`unplugged()`, hubs that sense attachment: Cambrionix), or
+* on hubs that cannot tell (plain USB hubs, or a Cambrionix whose serial link is down), the device
+  staying off USB for `workflow.reenumeration_window` seconds while no step expects it to be away
+  (an erase or a restore has its own timeout), or
+* another device arriving on the port.
 """
 
 from __future__ import annotations
@@ -31,9 +41,8 @@ from daemon.workflow.steps.base import Check, CheckResult, Services, Step, StepC
 
 PowerCycle = Callable[[int], Awaitable[None]]
 
-RETURN_GRACE = 60.0
-"""Seconds a step waits for a device that vanished mid-operation before counting the attempt as
-failed; a re-enumerating device comes back well within it, an unplugged one cancels the wait."""
+_AWAY_EXPECTED = frozenset({Phase.UPDATING, Phase.ERASING})
+"""Phases whose step sends the device off USB on purpose; the step's own timeout bounds the absence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +57,12 @@ class _Absent:
 
 @dataclass(frozen=True, slots=True)
 class _Unplugged:
-    pass
+    reason: str = "device unplugged"
+
+
+@dataclass(frozen=True, slots=True)
+class _AwayTooLong:
+    generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +76,7 @@ class _Finished:
     task: asyncio.Task[None]
 
 
-_Signal = _Present | _Absent | _Unplugged | _Act | _Finished
+_Signal = _Present | _Absent | _Unplugged | _AwayTooLong | _Act | _Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +123,10 @@ class PortRunner:
         *,
         power_cycle: PowerCycle | None = None,
         on_phase: Callable[[PortRef, Phase], None] | None = None,
+        senses_unplug: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`senses_unplug()` says whether the port's hub reports unplugging right now (it then calls
+        `unplugged()`); otherwise a device away from USB too long counts as unplugged."""
         self.ref = ref
         self._on_phase = on_phase
         self.store = store
@@ -117,6 +134,8 @@ class PortRunner:
         self.workflow = workflow
         self.limits = limits
         self._power_cycle = power_cycle
+        self._senses_unplug = senses_unplug
+        self._away_timer: asyncio.TimerHandle | None = None
         self._plan = plan(workflow.steps)
         self._inbox: asyncio.Queue[_Signal] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -170,8 +189,11 @@ class PortRunner:
                 await self._on_present(seen)
             case _Absent():
                 self._set_presence(None)
-            case _Unplugged():
-                await self._on_unplugged()
+                self._start_away_timer()
+            case _Unplugged(reason):
+                await self._on_unplugged(reason)
+            case _AwayTooLong(generation):
+                await self._on_away_too_long(generation)
             case _Act(action, reply):
                 try:
                     result = await self._on_action(action)
@@ -189,11 +211,48 @@ class PortRunner:
         self._presence = seen
         if seen is not None:
             self._generation += 1
+            if self._away_timer is not None:
+                self._away_timer.cancel()
+                self._away_timer = None
         self._changed.set()
 
+    def _another_device(self, seen: DeviceSeen) -> bool:
+        """Whether `seen` proves the port holds a device other than the one being worked on. Only
+        an ECID proves it while a restore or erase runs: a legacy device in restore mode shows a
+        placeholder UDID (`ffff...0007`)."""
+        identity = self._identity()
+        if identity is None or (seen.udid is None and seen.ecid is None):
+            return False
+        if identity.ecid and seen.ecid:
+            return identity.ecid != seen.ecid
+        if self._task is not None and self.state.phase in _AWAY_EXPECTED:
+            return False
+        return not _matches(identity, seen)
+
+    def _start_away_timer(self) -> None:
+        """Count the device's time off USB (see the module docstring)."""
+        if self._away_timer is not None:
+            self._away_timer.cancel()
+        signal = _AwayTooLong(self._generation)
+        self._away_timer = asyncio.get_running_loop().call_later(
+            self.workflow.reenumeration_window, self._inbox.put_nowait, signal
+        )
+
+    async def _on_away_too_long(self, generation: int) -> None:
+        self._away_timer = None
+        if self._presence is not None or generation != self._generation:
+            return  # it came back (and maybe left again: that absence has its own timer)
+        if self._senses_unplug():
+            return  # the hub can tell, and has not said the port is empty
+        if self._task is not None and self.state.phase in _AWAY_EXPECTED:
+            self._start_away_timer()  # the step sent it away; its own timeout decides
+            return
+        window = self.workflow.reenumeration_window
+        self.log.info("device_away_too_long", seconds=window)
+        await self._on_unplugged(f"device gone from USB for {window:g} s")
+
     async def _on_present(self, seen: DeviceSeen) -> None:
-        known = seen.udid is not None or seen.ecid is not None
-        if self._task is not None and known and not _matches(self._identity(), seen):
+        if self._task is not None and self._another_device(seen):
             # A different device arrived faster than the hub noticed the old one leaving.
             await self._interrupt("replaced by another device")
         self._set_presence(seen)
@@ -206,12 +265,12 @@ class PortRunner:
             self._record(Phase.EMPTY, detail="another device was plugged in")
         self._start(seen)
 
-    async def _on_unplugged(self) -> None:
+    async def _on_unplugged(self, reason: str = "device unplugged") -> None:
         self._set_presence(None)
-        await self._interrupt("device unplugged")
+        await self._interrupt(reason)
         state = self.state
         if state.phase in SETTLED:
-            self._record(Phase.EMPTY, detail="device unplugged")
+            self._record(Phase.EMPTY, detail=reason)
         self._info = None
 
     async def _interrupt(self, reason: str, actor: str = "workflow") -> None:
@@ -345,7 +404,13 @@ class PortRunner:
             key = ctx.device.identity().key
             point = resume_point(self.store.device(key) if key else None, self._plan)
             if isinstance(point, Settled):
-                self._record(point.phase, detail=point.detail, error=point.error, extra=extra)
+                self._record(
+                    point.phase,
+                    device=ctx.device.identity(),
+                    detail=point.detail,
+                    error=point.error,
+                    extra=extra,
+                )
                 return
             start, interrupted = point.index, point.interrupted_step
             if interrupted:
@@ -363,7 +428,7 @@ class PortRunner:
             if not await self._execute(step, ctx, extra=extra, actor=actor):
                 return
             extra, actor = {"completed": {step.name: self._last_detail}}, "workflow"
-        self._record(Phase.DONE, detail="provisioned", extra=extra, actor=actor)
+        self._record(Phase.DONE, device=ctx.device.identity(), detail="provisioned", extra=extra, actor=actor)
 
     def _needs_attention_unknown(self, step: Step, check: CheckResult, extra: dict[str, Any]) -> None:
         self._record(
@@ -435,7 +500,9 @@ class PortRunner:
                 break
             if failure.code == "device_gone":
                 with contextlib.suppress(TimeoutError):
-                    ctx.udid = await asyncio.wait_for(self._wait_for_device(generation), RETURN_GRACE)
+                    ctx.udid = await asyncio.wait_for(
+                        self._wait_for_device(generation), self.workflow.reenumeration_window
+                    )
             await asyncio.sleep(policy.backoff * attempt)
         assert failure is not None
         self._record(

@@ -29,16 +29,23 @@ class SimHubDriver(HubDriver):
         {Capability.ATTACH_SENSE, Capability.PORT_POWER, Capability.PORT_MODE, Capability.CURRENT_SENSE}
     )
 
-    def __init__(self, hub_id: str, ports: int, backplane: Backplane, model: str = "SIM16") -> None:
+    def __init__(
+        self, hub_id: str, ports: int, backplane: Backplane, model: str = "SIM16", *, attach_sense: bool = True
+    ) -> None:
         self.hub_id = hub_id
         self.ports = ports
         self.model = model
         self._backplane = backplane
         self._open = False
+        self._capabilities = (
+            self.CAPABILITIES
+            if attach_sense
+            else self.CAPABILITIES - {Capability.ATTACH_SENSE, Capability.CURRENT_SENSE}
+        )
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        return self.CAPABILITIES
+        return self._capabilities
 
     async def open(self) -> HubInfo:
         if not self._backplane.hub_online(self.hub_id):
@@ -49,7 +56,7 @@ class SimHubDriver(HubDriver):
             firmware="sim-1.0",
             serial=f"SIM-{self.hub_id}",
             port_count=self.ports,
-            capabilities=self.CAPABILITIES,
+            capabilities=self._capabilities,
         )
 
     async def close(self) -> None:
@@ -58,7 +65,10 @@ class SimHubDriver(HubDriver):
     async def poll(self) -> list[PortStatus]:
         if not self._open or not self._backplane.hub_online(self.hub_id):
             raise HubError(f"simulated hub {self.hub_id} stopped answering")
-        return self._backplane.port_statuses(self.hub_id)
+        statuses = self._backplane.port_statuses(self.hub_id)
+        if Capability.ATTACH_SENSE in self._capabilities:
+            return statuses
+        return [PortStatus(port=s.port, attached=False, mode=s.mode) for s in statuses]
 
     async def set_mode(self, port: int, mode: PortMode) -> None:
         if not 1 <= port <= self.ports:

@@ -49,6 +49,18 @@ class StepError(Exception):
         self.attention = attention
 
 
+def ensure_same_device(before: DeviceInfo, after: DeviceInfo) -> None:
+    """After a step sent the device off USB (restore, erase), prove the one that came back is the
+    same (ECID: the identity that survives every mode); a swap needs a person."""
+    if after.ecid != before.ecid:
+        raise StepError(
+            "device_replaced",
+            f"ECID {after.ecid} came back instead of {before.ecid}",
+            retryable=False,
+            attention=True,
+        )
+
+
 @dataclass
 class Services:
     """The collaborators steps use; the station builds them, steps never construct them."""

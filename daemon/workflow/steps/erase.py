@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from daemon.workflow.phases import Phase
-from daemon.workflow.steps.base import Step, StepContext, StepError
+from daemon.workflow.steps.base import Step, StepContext, StepError, ensure_same_device
 
 
 class EraseStep(Step):
@@ -15,11 +15,13 @@ class EraseStep(Step):
     safe_to_repeat: ClassVar[bool] = True
 
     async def run(self, ctx: StepContext) -> str | None:
+        before = ctx.device
         generation = ctx.presence_generation()
         ctx.progress(None, "erase requested; waiting for the device to reboot")
         await ctx.services.backend.erase(ctx.udid)
         ctx.udid = await ctx.wait_for_device(generation)
         info = await ctx.refresh()
+        ensure_same_device(before, info)
         if not info.in_setup_assistant:
             raise StepError("erase_not_applied", "the device came back outside Setup Assistant")
         return "erased; device is in Setup Assistant"

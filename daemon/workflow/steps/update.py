@@ -6,7 +6,14 @@ from typing import ClassVar
 
 from daemon.versions import at_least
 from daemon.workflow.phases import Phase
-from daemon.workflow.steps.base import Check, CheckResult, Step, StepContext, StepError
+from daemon.workflow.steps.base import (
+    Check,
+    CheckResult,
+    Step,
+    StepContext,
+    StepError,
+    ensure_same_device,
+)
 
 
 class UpdateStep(Step):
@@ -37,6 +44,7 @@ class UpdateStep(Step):
         await ctx.services.backend.update(ctx.udid, target, erase=False, progress=ctx.progress)
         ctx.udid = await ctx.wait_for_device(generation)
         after = await ctx.refresh()
+        ensure_same_device(device, after)
         if not at_least(after.ios_version, minimum):
             raise StepError("update_not_applied", f"device still reports iOS {after.ios_version}")
         return f"iOS {before} -> {after.ios_version} ({after.build})"
