@@ -317,6 +317,11 @@ def _header(station: Station, state_dir: Path, started: float) -> str:
         host, port = station.mqtt.host, station.mqtt.port
         topic = f"{config.mqtt.prefix}/{config.station.id}/#"
         lines.append(f"MQTT mqtt://{host}:{port}   try: mosquitto_sub -h {host} -p {port} -t '{topic}' -v")
+    if station.bus is not None:
+        socket_path = station.bus.socket_path
+        lines.append(
+            f"usbmuxd {socket_path}   try: USBMUXD_SOCKET_ADDRESS={socket_path} pymobiledevice3 usbmux list"
+        )
     lines.append(f"state and log: {state_dir}    Ctrl-C to stop")
     return "\n".join(lines)
 

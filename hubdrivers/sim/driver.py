@@ -30,7 +30,13 @@ class SimHubDriver(HubDriver):
     )
 
     def __init__(
-        self, hub_id: str, ports: int, backplane: Backplane, model: str = "SIM16", *, attach_sense: bool = True
+        self,
+        hub_id: str,
+        ports: int,
+        backplane: Backplane,
+        model: str = "SIM16",
+        *,
+        attach_sense: bool = True,
     ) -> None:
         self.hub_id = hub_id
         self.ports = ports
