@@ -69,6 +69,13 @@ class UpdateTarget:
     version: str
     build: str
     ipsw: Path | None = None
+    erase_install: bool | None = None
+    """Whether the IPSW holds an "Erase Install" identity for this device. A restore with
+    `erase=True` needs one (the restorer picks the identity by board and RestoreBehavior), so a
+    caller can refuse early instead of failing mid-restore. None: unknown (no local IPSW)."""
+    update_install: bool | None = None
+    """Whether the IPSW holds an "Update" identity for this device (a restore that keeps user data,
+    `erase=False`). None: unknown."""
 
 
 @dataclass(frozen=True, slots=True)
