@@ -8,10 +8,23 @@ with or without `autopair`:
 * `QueryType` (`com.apple.mobile.lockdown`, or `com.apple.mobile.restored` in restore mode);
 * `GetValue` (all values or one key; before a session only `UNPAIRED_KEYS`, like a real device;
   anything else answers `GetProhibited`, an unknown key `MissingValue`), `SetValue`;
+* `GetValue` with a `Domain`: `com.apple.purplebuddy` (Setup Assistant's preferences: `SetupDone`
+  once it has finished, nothing while it runs; needs a session) and any domain a test puts in
+  `LockdownState.domains`; other domains read as empty;
 * `Pair` (accepts any well-formed pair record, or answers `PairingDialogResponsePending` /
   `UserDeniedPairing` by policy), `ValidatePair`, `Unpair`;
+* supervised pairing (pymobiledevice3 `LockdownClient.pair_supervised`): a `Pair` whose
+  `PairingOptions.SupervisorCertificate` is one of the device's `supervisor_certificates` (its cloud
+  configuration's `SupervisorHostCertificates`) answers `MCChallengeRequired` with
+  `ExtendedResponse.PairingChallenge`; the second `Pair` with `PairingOptions.ChallengeResponse` (a
+  PKCS#7 signature of the challenge) pairs without the Trust dialog, whatever `pair_policy` says.
+  The response is checked structurally (it carries that certificate and the challenge); its
+  signature is not verified (`cryptography` has no public PKCS#7 verification);
 * `StartSession` (`InvalidHostID` for an unknown host; optional TLS upgrade in place, as real devices
-  do), `StopSession`, `StartService` (`InvalidService`: no services), `EnterRecovery`.
+  do), `StopSession`, `EnterRecovery`;
+* `StartService`: with a session, a service the device offers (`on_start_service`, see
+  `daemon.sim.services`) gets `Port` and `EnableServiceSSL`; anything else `InvalidService`,
+  without a session `InvalidConnection`.
 
 The device remembers the hosts it paired with (`LockdownState`), across connections and re-attaches.
 """
@@ -58,6 +71,16 @@ UNPAIRED_KEYS: Final = frozenset(
 
 PairPolicy = Literal["accept", "pending", "deny"]
 
+PURPLEBUDDY_DOMAIN: Final = "com.apple.purplebuddy"
+"""Setup Assistant's preferences domain, readable through lockdownd (libimobiledevice
+`tools/ideviceinfo.c` lists it among the known domains). ManagedConfiguration sets `SetupDone` in it
+(`CFPreferencesSetAppValue(@"com.apple.purplebuddy", kCFBooleanTrue, @"SetupDone")`, decompiled iOS
+26.1). A freshly erased device has none of these values until Setup Assistant finishes."""
+
+ServiceStarter = Callable[[str], tuple[int, bool] | None]
+"""`StartService` hook: service name → (port, EnableServiceSSL), or None if the device has no such
+service."""
+
 
 @functools.cache
 def _device_key_pem() -> bytes:
@@ -68,6 +91,11 @@ def _device_key_pem() -> bytes:
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+
+
+def device_tls_context() -> ssl.SSLContext:
+    """The server side of every TLS a simulated device speaks (lockdownd's session, SSL services)."""
+    return _tls_context()
 
 
 @functools.cache
@@ -116,7 +144,12 @@ class LockdownState:
     pair_policy: PairPolicy = "accept"
     session_ssl: bool = True
     paired_hosts: set[str] = field(default_factory=set)
+    supervisor_certificates: set[bytes] = field(default_factory=set)
+    """DER certificates of the hosts allowed to pair without the Trust dialog (the cloud
+    configuration's `SupervisorHostCertificates`); an erase clears them."""
     extra_values: dict[str, Any] = field(default_factory=dict)
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Extra `GetValue` domains (tests); `com.apple.purplebuddy` is derived from `info`."""
     requests: list[str] = field(default_factory=list)
     """Every request name received, in order (for tests)."""
 
@@ -142,6 +175,16 @@ class LockdownState:
         values.update(self.extra_values)
         return values
 
+    def domain_values(self, domain: str) -> dict[str, Any] | None:
+        """A modelled domain's values (None: not modelled, reads as empty like before)."""
+        if domain in self.domains:
+            return dict(self.domains[domain])
+        if domain == PURPLEBUDDY_DOMAIN:
+            if self.info.in_setup_assistant:
+                return {}
+            return {"SetupDone": True, "SetupFinishedAllSteps": True}
+        return None
+
 
 class LockdownSession:
     """One client connection to lockdownd (one `Connect` to port 62078)."""
@@ -153,6 +196,7 @@ class LockdownSession:
         writer: asyncio.StreamWriter,
         *,
         on_enter_recovery: Callable[[], None] | None = None,
+        on_start_service: ServiceStarter | None = None,
     ) -> None:
         self.state = state
         self.reader = reader
@@ -160,6 +204,9 @@ class LockdownSession:
         self.session_id: str | None = None
         self.host_id: str | None = None
         self._on_enter_recovery = on_enter_recovery
+        self._on_start_service = on_start_service
+        self._challenge: tuple[bytes, bytes] | None = None
+        """Supervised pairing in progress: (supervisor certificate, challenge sent)."""
 
     async def run(self, initial: bytes = b"") -> None:
         buffer = bytearray(initial)
@@ -239,8 +286,15 @@ class LockdownSession:
             self.session_id = None
             reply["Result"] = "Success"
         elif name == "StartService":
-            reply["Service"] = message.get("Service")
-            reply["Error"] = "InvalidService" if self.session_id else "InvalidConnection"
+            service = message.get("Service")
+            reply["Service"] = service
+            started = None
+            if self.session_id and isinstance(service, str) and self._on_start_service is not None:
+                started = self._on_start_service(service)
+            if started is None:
+                reply["Error"] = "InvalidService" if self.session_id else "InvalidConnection"
+            else:
+                reply.update(Port=started[0], EnableServiceSSL=started[1])
         elif name == "EnterRecovery":
             if self._on_enter_recovery is not None:
                 asyncio.get_running_loop().call_soon(self._on_enter_recovery)
@@ -249,13 +303,22 @@ class LockdownSession:
             reply["Error"] = "UnknownRequest"
         return reply, None
 
-    def _get_value(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _get_value(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         values = self.state.values()
         if self.session_id is None:
             values = {k: v for k, v in values.items() if k in UNPAIRED_KEYS}
         domain, key = message.get("Domain"), message.get("Key")
-        if domain:  # no domains are modelled: they read as empty
-            return {"Domain": domain, "Error": "MissingValue"} if key else {"Domain": domain, "Value": {}}
+        if domain:
+            modelled = self.state.domain_values(str(domain))
+            if modelled is None:  # not modelled: reads as empty
+                return {"Domain": domain, "Error": "MissingValue"} if key else {"Domain": domain, "Value": {}}
+            if self.session_id is None:
+                return {"Domain": domain, "Error": "GetProhibited"}
+            if key is None:
+                return {"Domain": domain, "Value": modelled}
+            if key in modelled:
+                return {"Domain": domain, "Key": key, "Value": modelled[key]}
+            return {"Domain": domain, "Key": key, "Error": "MissingValue"}
         if key is None:
             return {"Value": values}
         if key in values:
@@ -264,16 +327,45 @@ class LockdownSession:
             return {"Key": key, "Error": "GetProhibited"}
         return {"Key": key, "Error": "MissingValue"}
 
-    def _pair(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _pair(self, message: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         record = message.get("PairRecord")
         if not isinstance(record, dict) or not isinstance(record.get("HostID"), str):
             return {"Error": "InvalidPairRecord"}
+        options = message.get("PairingOptions")
+        options = options if isinstance(options, dict) else {}
+        supervisor = options.get("SupervisorCertificate")
+        if isinstance(supervisor, bytes) and supervisor in self.state.supervisor_certificates:
+            challenge = uuid.uuid4().bytes
+            self._challenge = (supervisor, challenge)
+            return {"Error": "MCChallengeRequired", "ExtendedResponse": {"PairingChallenge": challenge}}
+        response = options.get("ChallengeResponse")
+        if isinstance(response, bytes) and self._challenge is not None:
+            certificate, challenge = self._challenge
+            self._challenge = None
+            if not _signed_by(response, certificate, challenge):
+                return {"Error": "InvalidPairRecord"}
+            self.state.paired_hosts.add(record["HostID"])
+            return {"EscrowBag": uuid.uuid4().bytes * 2}
         if self.state.pair_policy == "pending":
             return {"Error": "PairingDialogResponsePending"}
         if self.state.pair_policy == "deny":
             return {"Error": "UserDeniedPairing"}
         self.state.paired_hosts.add(record["HostID"])
         return {"EscrowBag": uuid.uuid4().bytes * 2}
+
+
+def _signed_by(response: bytes, certificate: bytes, challenge: bytes) -> bool:
+    """Whether a PKCS#7 `ChallengeResponse` carries the supervisor's certificate and the challenge
+    (structure only: the signature itself is not verified)."""
+    from cryptography import x509  # noqa: PLC0415 - slow import, sim only
+    from cryptography.hazmat.primitives.serialization import Encoding, pkcs7  # noqa: PLC0415
+
+    try:
+        certificates = pkcs7.load_der_pkcs7_certificates(response)
+    except ValueError:
+        return False
+    ders = {c.public_bytes(Encoding.DER) for c in certificates if isinstance(c, x509.Certificate)}
+    return certificate in ders and challenge in response
 
 
 def _host_id(message: dict[str, Any]) -> str | None:

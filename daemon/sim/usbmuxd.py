@@ -7,8 +7,10 @@ bare path, since a value with a colon is read as HOST:PORT). Answered, as `src/c
 * `ReadBUID`, `ListDevices`, `Listen` (Result 0, one `Attached` per present device, then
   `Attached` / `Detached` / `Paired` as they happen, tag 0);
 * `Connect` (`PortNumber` in network byte order): port 62078 becomes a fake lockdownd
-  (`daemon.sim.lockdownd`) on the same stream; any other port `CONNREFUSED` (3), an unknown DeviceID
-  `BADDEV` (2), no PortNumber `BADCOMMAND` (1);
+  (`daemon.sim.lockdownd`) on the same stream; a port lockdownd handed out for `StartService` (one
+  connection per start, like a real device) becomes that service (`services`, see
+  `daemon.sim.services`); any other port `CONNREFUSED` (3), an unknown DeviceID `BADDEV` (2), no
+  PortNumber `BADCOMMAND` (1);
 * `ReadPairRecord` (`Result 2`, ENOENT, when there is none: pymobiledevice3 reads the missing
   `PairRecordData` as "not paired" and moves on), `SavePairRecord` (`Paired` to listeners when the
   DeviceID is attached), `DeletePairRecord`;
@@ -40,6 +42,7 @@ import structlog
 from daemon.ios.base import DeviceInfo, DeviceMode
 from daemon.sim.devices import SimDevice
 from daemon.sim.lockdownd import LockdownSession, LockdownState
+from daemon.sim.services import DeviceService, run_service
 from daemon.usb.usbmux_protocol import (
     LOCKDOWN_PORT,
     MessageType,
@@ -57,6 +60,8 @@ log = structlog.get_logger("benchhub.usbmux")
 
 PRODUCT_IDS = {"iPhone": 0x12A8, "iPad": 0x12AB, "iPod": 0x12AA}
 HIGH_SPEED = 480_000_000
+FIRST_SERVICE_PORT = 49152
+"""lockdownd hands out service ports from the dynamic range (the research trace saw 49153)."""
 
 PortHandler = Callable[["MuxDevice", asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
 """Serves a `Connect` to an extra device port: (device, reader, writer, bytes already received)."""
@@ -119,6 +124,10 @@ class FakeUsbmuxd:
         self.lockdown: dict[str, LockdownState] = {}
         """Per-UDID lockdownd state; outlives attaches, like the device's own memory."""
         self.port_handlers: dict[int, PortHandler] = {}
+        self.services: dict[str, DeviceService] = {}
+        """Lockdown services every device offers, by name (`StartService`)."""
+        self._service_ports: dict[tuple[int, int], DeviceService] = {}
+        self._next_service_port = FIRST_SERVICE_PORT
         self.requests: list[str] = []
         """Every MessageType received, in order (for tests)."""
         self._next_device_id = 1
@@ -230,6 +239,8 @@ class FakeUsbmuxd:
                 or (device_id is not None and entry.device_id == device_id)
             ):
                 del self.devices[entry.device_id]
+                for key in [k for k in self._service_ports if k[0] == entry.device_id]:
+                    del self._service_ports[key]
                 for writer in self._streams.pop(entry.device_id, set()):
                     writer.close()
                 self._notify({"MessageType": "Detached", "DeviceID": entry.device_id})
@@ -253,6 +264,16 @@ class FakeUsbmuxd:
 
     def inject_plist(self, message: dict[str, Any], tag: int = 0) -> int:
         return self.inject(encode_plist(message, tag))
+
+    def _start_service(self, device: MuxDevice, name: str) -> tuple[int, bool] | None:
+        """lockdownd's StartService: a port for one connection to the service, and whether it is TLS."""
+        service = self.services.get(name)
+        if service is None or self.devices.get(device.device_id) is not device:
+            return None
+        port = self._next_service_port
+        self._next_service_port = port + 1 if port < 0xFFFF else FIRST_SERVICE_PORT
+        self._service_ports[(device.device_id, port)] = service
+        return port, service.ssl
 
     def _enter_recovery(self, device: MuxDevice) -> None:
         """lockdownd's EnterRecovery: the device leaves usbmuxd (Recovery is a libusb device)."""
@@ -375,7 +396,8 @@ class FakeUsbmuxd:
             client.send(encode_result(tag, Result.BADCOMMAND))
             return None
         port = socket.ntohs(port_number)
-        if port != LOCKDOWN_PORT and port not in self.port_handlers:
+        started = (device.device_id, port) in self._service_ports
+        if port != LOCKDOWN_PORT and port not in self.port_handlers and not started:
             client.send(encode_result(tag, Result.CONNREFUSED))
             return None
         client.send(encode_result(tag, Result.OK))
@@ -398,9 +420,13 @@ class FakeUsbmuxd:
                     reader,
                     writer,
                     on_enter_recovery=lambda: self._enter_recovery(device),
+                    on_start_service=lambda name: self._start_service(device, name),
                 )
                 await session.run(initial)
-            else:
-                await self.port_handlers[port](device, reader, writer, initial)
+            elif (service := self._service_ports.pop((device.device_id, port), None)) is not None:
+                await run_service(service, device, reader, writer, initial)
+            elif (handler := self.port_handlers.get(port)) is not None:
+                await handler(device, reader, writer, initial)
+            # else: a second Connect to a one-shot service port; the connection is just closed
         finally:
             streams.discard(writer)
