@@ -8,6 +8,7 @@ are resolved against the directory of the config file, so a config works from an
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -235,9 +236,35 @@ class StorageConfig(_Model):
     path: Path = Path("benchhub.sqlite3")
 
 
+class FirmwareConfig(_Model):
+    """Where the station finds iOS firmware for the update step."""
+
+    ipsw_dir: Path | None = None
+    """Directory of downloaded `.ipsw` restore images (`daemon.ios.firmware.IpswCache`). Checked when
+    firmware is needed, not here, so a config stays valid before the first download; `benchhub doctor`
+    reports what it holds. None: no local cache."""
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "logfmt", "json"] = "auto"
+
+
+class DevicesConfig(_Model):
+    """How the station reaches real iPhones and iPads (ignored on a simulated bench)."""
+
+    usbmuxd: str | None = None
+    """usbmuxd's socket: a path, or HOST:PORT; default `$USBMUXD_SOCKET_ADDRESS`, else the system's
+    (`/var/run/usbmuxd`)."""
+    pair_records: Path | None = None
+    """Where pair records are kept; default `pair-records/` next to the database (never a home folder:
+    the service user has none, and records must survive with the station's state)."""
+    hotplug: Literal["auto", "udev", "poll"] = "auto"
+    """USB hotplug source: udev where it runs, else polling sysfs (containers) or libusb (macOS)."""
+
+
+NEEDS_APPLE_SERVICES: tuple[StepName, ...] = ("enroll", "assign")
+"""Steps that need Apple Business Manager access, which only the simulated bench provides so far."""
 
 
 class SimConfig(_Model):
@@ -263,6 +290,8 @@ class Config(_Model):
     workflow: WorkflowConfig = WorkflowConfig()
     mqtt: MqttConfig = MqttConfig()
     storage: StorageConfig = StorageConfig()
+    firmware: FirmwareConfig = FirmwareConfig()
+    devices: DevicesConfig = DevicesConfig()
     logging: LoggingConfig = LoggingConfig()
     sim: SimConfig | None = None
 
@@ -276,7 +305,24 @@ class Config(_Model):
         simulated = any(h.kind == "sim" or (h.kind == "cambrionix" and h.simulate) for h in self.hubs)
         if simulated and self.sim is None:
             raise ValueError("simulated hubs need a [sim] table (speed, devices, ...)")
+        if self.sim is None:
+            self._real_bench_ready()
         return self
+
+    def _real_bench_ready(self) -> None:
+        """What a bench of real devices needs that a simulated one provides by itself."""
+        apple = [s for s in self.workflow.steps if s in NEEDS_APPLE_SERVICES]
+        if apple:
+            raise ValueError(
+                f"workflow.steps: {' and '.join(apple)} need Apple Business Manager access, not available"
+                ' on a real bench yet; use steps = ["update", "erase", "setup"] for devices already in'
+                " Apple Business Manager"
+            )
+        if "update" in self.workflow.steps and self.firmware.ipsw_dir is None:
+            raise ValueError(
+                "firmware.ipsw_dir: the update step needs an IPSW cache directory (see docs/devices.md),"
+                ' or leave "update" out of workflow.steps'
+            )
 
 
 _HINTS = {
@@ -284,7 +330,11 @@ _HINTS = {
     "extra_forbidden": "is not a known setting (check the spelling)",
     "string_pattern_mismatch": "must use only lowercase letters, digits and '-' (1-32 characters)",
     "union_tag_invalid": "names an unknown hub kind",
+    "path_type": "must be a path, as a string",
 }
+
+
+_NAMES_ITS_KEY = re.compile(r"^[a-z_]+(\.[a-z_]+)+: ")
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -318,7 +368,11 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         loc = err["loc"]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*loc, "kind")  # the error is about the hub's `kind` key, which pydantic leaves out
-        lines.append(f"{_where(tuple(loc))}: {_describe(err)}")
+        where, what = _where(tuple(loc)), _describe(err)
+        if not loc and _NAMES_ITS_KEY.match(what):
+            lines.append(what)  # a whole-file check that names the key itself
+        else:
+            lines.append(f"{where}: {what}")
     return lines
 
 
@@ -330,6 +384,9 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
     updates: dict[str, Any] = {"storage": cfg.storage.model_copy(update={"path": rel(cfg.storage.path)})}
     updates["station"] = cfg.station.model_copy(update={"port_map": rel(cfg.station.port_map)})
+    updates["firmware"] = cfg.firmware.model_copy(update={"ipsw_dir": rel(cfg.firmware.ipsw_dir)})
+    pair_records = rel(cfg.devices.pair_records) or updates["storage"].path.parent / "pair-records"
+    updates["devices"] = cfg.devices.model_copy(update={"pair_records": pair_records})
     if cfg.sim is not None:
         updates["sim"] = cfg.sim.model_copy(update={"state_file": rel(cfg.sim.state_file)})
     mqtt = cfg.mqtt

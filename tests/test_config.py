@@ -141,3 +141,61 @@ def test_secret_from_file_and_systemd_credential(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
         read_secret(Path("credential:pw"))
+
+
+def test_firmware_ipsw_dir_is_resolved_against_the_config_file(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).firmware.ipsw_dir is None
+    config = load_config(write(tmp_path, MINIMAL + "\n[firmware]\nipsw_dir = 'ipsw'\n"))
+    assert config.firmware.ipsw_dir == tmp_path / "ipsw"
+    absolute = load_config(write(tmp_path, MINIMAL + "\n[firmware]\nipsw_dir = '/srv/ipsw'\n"))
+    assert absolute.firmware.ipsw_dir == Path("/srv/ipsw")
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ("[firmware]\nipsw_dir = 5\n", "firmware.ipsw_dir: must be a path, as a string (got 5)"),
+        (
+            "[firmware]\nipsw_directory = 'x'\n",
+            "firmware.ipsw_directory: is not a known setting (check the spelling)",
+        ),
+    ],
+)
+def test_bad_firmware_table_names_the_key(tmp_path: Path, table: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + "\n" + table))
+    assert len(caught.value.lines) == 1, caught.value.lines
+    assert caught.value.lines[0] == f"{tmp_path / 'station.toml'}: {expected}"
+
+
+REAL = """
+[station]
+id = "bench-1"
+
+[[hubs]]
+id = "hub-a"
+kind = "cambrionix"
+serial_port = "/dev/ttyUSB0"
+ports = 15
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("", "workflow.steps: enroll and assign need Apple Business Manager access"),
+        ('[workflow]\nsteps = ["update", "erase", "setup"]\n', "firmware.ipsw_dir: the update step needs"),
+    ],
+)
+def test_a_real_bench_says_what_it_still_lacks(tmp_path: Path, extra: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, REAL + extra))
+    assert len(caught.value.lines) == 1
+    assert expected in caught.value.lines[0]
+
+
+def test_a_real_bench_for_abm_devices_loads_with_pair_records_next_to_the_database(tmp_path: Path) -> None:
+    text = REAL + '[workflow]\nsteps = ["erase", "setup"]\n[storage]\npath = "state/bench.sqlite3"\n'
+    config = load_config(write(tmp_path, text))
+    assert config.devices.pair_records == tmp_path / "state" / "pair-records"
+    assert config.devices.usbmuxd is None
