@@ -334,6 +334,7 @@ async def _live_demo(station: Station, config: Config, state_dir: Path) -> None:
     started = time.monotonic()
     running = asyncio.create_task(station.run(stop))
     await station.ready.wait()
+    assert station.world is not None, "the demo is a simulated bench"
     helpers = [asyncio.create_task(technician(station.world, config, station.ports))]
     if sys.stdout.isatty():
         helpers.append(

@@ -18,6 +18,7 @@ import structlog
 
 from daemon.backoff import backoff_delay
 from daemon.config import CambrionixHubConfig, Config, ConfigError, read_secret
+from daemon.devicesetup import real_services, real_watcher, sim_services
 from daemon.hubs import HubSupervisor
 from daemon.hubsetup import HubFactory, model_spec, physical_port_paths, port_count
 from daemon.ios.base import DeviceEvent, DeviceGone, DeviceSeen
@@ -26,9 +27,7 @@ from daemon.mqtt.broker import embedded_broker
 from daemon.mqtt.payloads import PayloadRenderer
 from daemon.mqtt.publisher import MqttPublisher
 from daemon.mqtt.topics import Topics
-from daemon.sim.backend import SimDeviceBackend, SimFirmware
 from daemon.sim.demo import plug_initial
-from daemon.sim.portal import SimAssignmentSource, SimEnroller
 from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld, build_world
 from daemon.store import Store
@@ -39,19 +38,13 @@ from daemon.workflow.actions import Action
 from daemon.workflow.limits import Limits
 from daemon.workflow.phases import Phase
 from daemon.workflow.runner import PortRunner
-from daemon.workflow.steps.base import Services
 from hubdrivers.base import Capability, HubError, LedPattern, PortEvent, PortEventKind
 
 
 def build_sim_world(config: Config) -> SimWorld:
     sim = config.sim
     if sim is None:
-        raise ConfigError(
-            [
-                "(file): a station needs a [sim] table for now: real devices arrive with the"
-                " pymobiledevice3 backend; `benchhub doctor` already checks real hubs"
-            ]
-        )
+        raise ConfigError(["(file): the simulated bench needs a [sim] table"])
     return build_world(
         [
             (
@@ -83,7 +76,10 @@ class Station:
     def __init__(self, config: Config, world: SimWorld | None = None) -> None:
         self.config = config
         self.log = structlog.get_logger("benchhub.station")
-        self.world = world if world is not None else build_sim_world(config)
+        if world is None and config.sim is not None:
+            world = build_sim_world(config)
+        self.world = world
+        """The simulated bench, or None on a bench of real devices."""
         self.topics = Topics(config.mqtt.prefix, config.station.id)
         self.renderer = PayloadRenderer(self.topics)
         self.store = Store(config.storage.path, self.renderer)
@@ -91,12 +87,7 @@ class Station:
         for note in self.topology.apply_learned(load_port_map_if_present(config.station.port_map)):
             self.log.warning("port_map_note", note=note)
         self.hubs = HubFactory(config, self.world)
-        self.services = Services(
-            backend=SimDeviceBackend(self.world),
-            firmware=SimFirmware(),
-            enroller=SimEnroller(self.world),
-            assignment=SimAssignmentSource(self.world),
-        )
+        self.services = sim_services(world) if world is not None else real_services(config)
         limits = Limits(config.workflow)
         self.supervisors = {
             hub.id: HubSupervisor(
@@ -261,27 +252,35 @@ class Station:
         they stand, and resume from the store next time), the publisher drains and says offline."""
         # Every log line of this station, including those of the tasks started below, names it.
         structlog.contextvars.bind_contextvars(station=self.config.station.id)
-        plugged = plug_initial(self.world, self.config)
-        if plugged:
-            self.log.info("sim_devices_plugged", count=len(plugged))
         recovered = self.store.recover()
         if recovered:
             self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
         password = read_secret(self.config.mqtt.password_file) if self.config.mqtt.password_file else None
+        if self.world is None:
+            self.watcher = real_watcher(self.config)
+            await self._run(stop, self.watcher, contextlib.nullcontext(), password)
+            return
+        plugged = plug_initial(self.world, self.config)
+        if plugged:
+            self.log.info("sim_devices_plugged", count=len(plugged))
         bus = self.bus = SimUsbBus(self.world, Path(tempfile.mkdtemp(prefix="benchhub-usb-")))
         self.watcher = bus.watcher()
         try:
-            await self._run(stop, bus, self.watcher, password)
+            await self._run(stop, self.watcher, bus.running(), password)
         finally:
             bus.close()
 
     async def _run(
-        self, stop: asyncio.Event, bus: SimUsbBus, watcher: DeviceWatcher, password: str | None
+        self,
+        stop: asyncio.Event,
+        watcher: DeviceWatcher,
+        usb_host: contextlib.AbstractAsyncContextManager[object],
+        password: str | None,
     ) -> None:
         async with (
             self._broker() as endpoint,
             self.hubs.running(),
-            bus.running(),
+            usb_host,
             asyncio.TaskGroup() as group,
         ):
             self.mqtt = endpoint
@@ -307,7 +306,8 @@ class Station:
                 hubs=len(self.supervisors),
                 ports=len(self.runners),
                 mqtt=f"{endpoint.host}:{endpoint.port}",
-                usbmuxd=bus.socket_path,
+                usbmuxd=str(watcher.usbmux.address),
+                hotplug=watcher.hotplug.description,
             )
             self.ready.set()
             await stop.wait()
