@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import plistlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from daemon.ios.pmd3 import (
     in_setup_assistant,
     translate,
 )
+from daemon.ios.restore import ProcessRestorer, RestoreError
 from daemon.sim.mcinstall import MemoryDeviceEffects
 from tests.ios_bench import ADE_PROFILE, MDM_URL, IosBench, ios_bench, short_dir, supervisor_identity
 
@@ -335,12 +337,6 @@ async def test_mcinstall_missing(ios_bench: IosBench) -> None:
         await backend(ios_bench).cloud_configuration(info.udid)
 
 
-async def test_update_is_not_this_backends_job(ios_bench: IosBench) -> None:
-    with pytest.raises(RestoreUnavailableError) as caught:
-        await backend(ios_bench).update("X", UpdateTarget("18.1", "22B83"), erase=True, progress=Progress())
-    assert (caught.value.code, caught.value.retryable) == ("restore_unavailable", False)
-
-
 # -- transport-free ------------------------------------------------------------------------------------
 
 
@@ -410,3 +406,42 @@ def test_cloud_config_from_details() -> None:
     assert cloud_config_from_details({"ConfigurationWebURL": "https://x"}).configuration_url == "https://x"
     with pytest.raises(UnexpectedReplyError):
         cloud_config_from_details(["not", "a", "dict"])
+
+
+# -- update: the restorer, in a worker process -----------------------------------------------------
+
+FAKE_WORKER = (sys.executable, "-m", "daemon.sim.restore_worker", "--speed", "20000")
+
+
+async def test_update_reads_the_ecid_then_restores_in_a_worker_process(ios_bench: IosBench) -> None:
+    info = ios_bench.plug()
+    devices = backend(ios_bench, restorer=ProcessRestorer(FAKE_WORKER, timeout=20))
+    progress = Progress()
+    target = UpdateTarget("18.6.2", "22G100", ipsw=Path("/cache/iPhone_18.6.2.ipsw"))
+    await devices.update(info.udid, target, erase=False, progress=progress)
+    percents = [p for p, _ in progress.calls if p is not None]
+    assert percents
+    assert percents[-1] == 100
+    assert any(detail and "Recovery" in detail for _, detail in progress.calls)
+
+
+async def test_a_failed_restore_says_whether_the_device_was_touched(ios_bench: IosBench) -> None:
+    info = ios_bench.plug()
+    worker = (*FAKE_WORKER, "--fail-at", "50", "--error", "restore_failed")
+    devices = backend(ios_bench, restorer=ProcessRestorer(worker, timeout=20))
+    target = UpdateTarget("18.6.2", "22G100", ipsw=Path("/cache/iPhone_18.6.2.ipsw"))
+    with pytest.raises(RestoreError) as caught:
+        await devices.update(info.udid, target, erase=True, progress=Progress())
+    assert caught.value.code == "restore_failed"
+    assert caught.value.touched  # half way: the update step must check before trying again
+    assert caught.value.outcome.ecid == info.ecid
+
+
+async def test_update_without_restorer_or_ipsw_is_unavailable(ios_bench: IosBench) -> None:
+    no_file = UpdateTarget("18.6.2", "22G100")
+    with pytest.raises(RestoreUnavailableError) as caught:
+        await backend(ios_bench).update("X", no_file, erase=False, progress=Progress())
+    assert (caught.value.code, caught.value.retryable) == ("restore_unavailable", False)
+    restorer = ProcessRestorer(FAKE_WORKER)
+    with pytest.raises(RestoreUnavailableError):
+        await backend(ios_bench, restorer=restorer).update("X", no_file, erase=False, progress=Progress())

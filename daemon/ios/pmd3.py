@@ -17,8 +17,11 @@ What each operation sends (pymobiledevice3 11.45 source; device behaviour from t
 * `setup`: `GetCloudConfiguration` (refuse if one is already there: it applies once per erase),
   `DownloadAndApplyCloudConfiguration` (the device fetches its ADE profile from Apple over its own
   network), `GetCloudConfiguration` again to verify whom it names.
-* `update`: not here. Restores go through the Restorer, in worker processes (pymobiledevice3's
-  Recovery/DFU layer is blocking libusb code, research §0.4): `RestoreUnavailableError`.
+* `update`: reads the ECID (`info`), then hands the restore to the `Restorer`, which runs it in a
+  worker process keyed by ECID (pymobiledevice3's Recovery/DFU layer is blocking libusb code,
+  research §0.4; see docs/restores.md). Without a restorer, or without an IPSW to restore from:
+  `RestoreUnavailableError`. A failed restore raises `RestoreError`, whose `touched` says whether
+  the device may have changed (the update step's `check()` then decides, never a blind re-run).
 
 Pairing. The pair record lives in the station's directory (`pair_records`), never in a home folder:
 it is passed to pymobiledevice3 explicitly, so that directory is authoritative; without one there,
@@ -91,6 +94,7 @@ from daemon.ios.base import (
     UnexpectedReplyError,
     UpdateTarget,
 )
+from daemon.ios.restore import Restorer, RestoreRequest
 from daemon.usb.apple import AppleUsbError, format_ecid
 
 log = structlog.get_logger("benchhub.pmd3")
@@ -380,6 +384,7 @@ class Pymobiledevice3Backend:
         pair_records: Path,
         *,
         supervision: SupervisionIdentity | None = None,
+        restorer: Restorer | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         setup_timeout: float = DEFAULT_SETUP_TIMEOUT,
         pair_timeout: float = DEFAULT_PAIR_TIMEOUT,
@@ -388,6 +393,7 @@ class Pymobiledevice3Backend:
         self.usbmux_address = usbmux_address
         self.pair_records = Path(pair_records)
         self.supervision = supervision
+        self.restorer = restorer
         self.timeout = timeout
         self.setup_timeout = setup_timeout
         self.pair_timeout = pair_timeout
@@ -404,10 +410,14 @@ class Pymobiledevice3Backend:
         return device_info(values, buddy)
 
     async def update(self, udid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn) -> None:
-        raise RestoreUnavailableError(
-            f"update of {udid} to iOS {target.version}: restores go through the Restorer (worker"
-            " processes), not the pymobiledevice3 device backend"
-        )
+        if self.restorer is None or target.ipsw is None:
+            raise RestoreUnavailableError(
+                f"update of {udid} to iOS {target.version}: no restorer or no IPSW file to restore from"
+            )
+        device = await self.info(udid)
+        request = RestoreRequest(device.ecid, target.ipsw, erase=erase, udid=udid)
+        outcome = await self.restorer.restore(request, progress)
+        outcome.raise_for_error()
 
     async def erase(self, udid: str) -> None:
         with self._errors(udid, "erase"):
