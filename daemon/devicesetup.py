@@ -2,8 +2,9 @@
 
 Two benches, one shape:
 
-* simulated (`[sim]`): the simulated world's backend, firmware and portal; devices found through the
-  simulated USB host (`daemon.sim.usbbus`: sysfs tree, udev events, usbmuxd socket);
+* simulated (`[sim]`): pymobiledevice3 against the simulated devices through the simulated USB host's
+  usbmuxd socket (`daemon.sim.usbbus`: sysfs tree, udev events, usbmuxd socket), restores and the
+  firmware and portal world-level (`SimBackend`); devices found through that same USB host;
 * real: pymobiledevice3 through the system's usbmuxd (`[devices]`), the IPSW cache (`[firmware]`),
   and devices found through usbmuxd, udev (or polling) and `/sys`.
 
@@ -14,11 +15,20 @@ from __future__ import annotations
 
 from daemon.apple.base import AppleServiceError
 from daemon.config import Config
-from daemon.ios.base import DeviceInfo, ProgressFn, UpdateTarget
+from daemon.ios.base import (
+    CloudConfig,
+    DeviceBackend,
+    DeviceInfo,
+    ProgressFn,
+    SetupPlan,
+    UpdateTarget,
+)
 from daemon.ios.firmware import IpswCache
 from daemon.ios.pmd3 import Pymobiledevice3Backend
+from daemon.ios.restore import ProcessRestorer
 from daemon.sim.backend import SimDeviceBackend, SimFirmware
 from daemon.sim.portal import SimAssignmentSource, SimEnroller
+from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld
 from daemon.usb.hotplug import open_hotplug
 from daemon.usb.sysfs import UsbSysfs
@@ -59,9 +69,47 @@ class NoFirmware:
         return None
 
 
-def sim_services(world: SimWorld) -> Services:
+class SimBackend:
+    """The simulated bench's `DeviceBackend`: the production pymobiledevice3 backend against the
+    simulated devices (through the bus's usbmuxd socket, lockdownd and MCInstall: `daemon.sim.effects`)
+    for detect, erase, the cloud configuration and setup, so the simulation exercises the client code
+    a real bench runs. Only `update` is world-level: in production a restore runs in a worker
+    process, which could not change this process's simulated world.
+
+    `info` first spends the detect step's simulated time and takes its injected faults (a `fail`
+    raises `SimulatedFault`, an `unplug` pulls the device): lockdownd's answers have no single request
+    that means "detect" to hang them on."""
+
+    def __init__(self, world: SimWorld, bus: SimUsbBus) -> None:
+        self.world = world
+        self.bus = bus
+        self.sim = SimDeviceBackend(world)
+        self.pmd3 = Pymobiledevice3Backend(bus.socket_path, bus.pair_records)
+
+    async def info(self, udid: str) -> DeviceInfo:
+        device, ref = self.sim.ops.locate(udid)
+        await self.sim.ops.run("detect", device, ref)
+        return await self.pmd3.info(udid)
+
+    async def update(self, udid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn) -> None:
+        await self.sim.update(udid, target, erase=erase, progress=progress)
+
+    async def erase(self, udid: str) -> None:
+        await self.pmd3.erase(udid)
+
+    async def cloud_configuration(self, udid: str) -> CloudConfig | None:
+        return await self.pmd3.cloud_configuration(udid)
+
+    async def setup(self, udid: str, plan: SetupPlan, progress: ProgressFn) -> None:
+        await self.pmd3.setup(udid, plan, progress)
+
+
+def sim_services(world: SimWorld, bus: SimUsbBus | None = None) -> Services:
+    """The simulated bench's services; with its USB host (`bus`), device operations go through
+    pymobiledevice3 (`SimBackend`), without one they are all world-level (`SimDeviceBackend`)."""
+    backend: DeviceBackend = SimBackend(world, bus) if bus is not None else SimDeviceBackend(world)
     return Services(
-        backend=SimDeviceBackend(world),
+        backend=backend,
         firmware=SimFirmware(),
         enroller=SimEnroller(world),
         assignment=SimAssignmentSource(world),
@@ -73,7 +121,8 @@ def real_services(config: Config) -> Services:
     assert devices.pair_records is not None, "config loading defaults it next to the database"
     apple = NoAppleServices()
     return Services(
-        backend=Pymobiledevice3Backend(devices.usbmuxd, devices.pair_records),
+        # Restores run in worker processes (docs/restores.md); a worker ends itself with the daemon.
+        backend=Pymobiledevice3Backend(devices.usbmuxd, devices.pair_records, restorer=ProcessRestorer()),
         firmware=IpswCache(ipsw_dir) if ipsw_dir is not None else NoFirmware(),
         enroller=apple,
         assignment=apple,

@@ -87,7 +87,12 @@ class Station:
         for note in self.topology.apply_learned(load_port_map_if_present(config.station.port_map)):
             self.log.warning("port_map_note", note=note)
         self.hubs = HubFactory(config, self.world)
-        self.services = sim_services(world) if world is not None else real_services(config)
+        self.bus: SimUsbBus | None = (
+            SimUsbBus(world, Path(tempfile.mkdtemp(prefix="benchhub-usb-"))) if world is not None else None
+        )
+        """The simulated USB host (sysfs, udev, usbmuxd), served while the station runs; made here
+        because the device backend talks to its usbmuxd socket."""
+        self.services = sim_services(world, self.bus) if world is not None else real_services(config)
         limits = Limits(config.workflow)
         self.supervisors = {
             hub.id: HubSupervisor(
@@ -114,8 +119,6 @@ class Station:
         }
         self.store.ensure_ports(self.runners)
         self.mqtt: MqttEndpoint | None = None
-        self.bus: SimUsbBus | None = None
-        """The simulated USB host (sysfs, udev, usbmuxd) while the station runs."""
         self.watcher: DeviceWatcher | None = None
         self.ready = asyncio.Event()
         self._changes = asyncio.Event()
@@ -263,7 +266,8 @@ class Station:
         plugged = plug_initial(self.world, self.config)
         if plugged:
             self.log.info("sim_devices_plugged", count=len(plugged))
-        bus = self.bus = SimUsbBus(self.world, Path(tempfile.mkdtemp(prefix="benchhub-usb-")))
+        bus = self.bus
+        assert bus is not None, "a simulated bench has its USB host from the start"
         self.watcher = bus.watcher()
         try:
             await self._run(stop, self.watcher, bus.running(), password)

@@ -58,7 +58,7 @@ async def test_stop_mid_run_and_restart_finishes_every_device(tmp_path: Path, mo
             # check proved it done), never a step before it.
             assert after[0].phase is Phase.DETECTED
             resumed = next(h.step for h in after[1:] if h.step)
-            order = ["update", "erase", "enroll", "assign", "setup"]
+            order = ["detect", "update", "erase", "enroll", "assign", "setup"]
             assert order.index(resumed) >= order.index(stop_row.step or "update")
         assert_no_unsafe_effect_twice(list(world.devices.values()))
 

@@ -162,9 +162,10 @@ async def test_a_restore_keeps_the_device_on_its_port_through_every_mode(
         path = station.world.usb_path(A1)
         seen = [e for e in recorder.on(path) if isinstance(e, DeviceSeen)]
         modes = [e.mode for e in seen]
-        # normal -> Recovery -> restore mode (usbmuxd: normal) -> normal, and the erase's reboot
+        # normal -> Recovery -> restore mode (usbmuxd: normal) -> normal; the restore was an
+        # erase-install, so there is no separate erase reboot
         assert modes[:2] == [DeviceMode.NORMAL, DeviceMode.RECOVERY], modes
-        assert modes.count(DeviceMode.NORMAL) >= 4, modes
+        assert modes.count(DeviceMode.NORMAL) >= 3, modes
         assert {e.ecid for e in seen} == {format_ecid(device.ecid)}
         assert all(isinstance(e, DeviceGone) for e in recorder.on(path) if e not in seen)
 
@@ -172,7 +173,12 @@ async def test_a_restore_keeps_the_device_on_its_port_through_every_mode(
         assert Phase.INTERRUPTED not in phases
         assert phases.count(Phase.DETECTED) == 1
         assert device.completed["update"] == 1
-        assert device.completed["erase"] == 1
+        assert device.completed["erase"] == 1  # by the erase-install restore
+        assert Phase.ERASING not in phases  # one device cycle saved
+        skipped = {
+            k: v for row in station.store.history(ref=A1) for k, v in row.extra.get("skipped", {}).items()
+        }
+        assert skipped["erase"].startswith("erased by the erase-install restore")
         state = station.store.port(A1)
         assert state.device is not None
         assert state.device.ecid == format_ecid(device.ecid)
@@ -217,7 +223,9 @@ async def test_a_usbmuxd_restart_mid_run_loses_no_device(tmp_path: Path, mosquit
             lambda: any(s.phase is Phase.UPDATING for s in station.ports()), what="a restore under way"
         )
         await bus.usbmuxd.stop()
-        await asyncio.sleep(0.3)
+        # About a second of bench time, like a `systemctl restart usbmuxd`: device operations that hit
+        # the gap fail and are retried (much longer and their retries, scaled to x500, run out).
+        await asyncio.sleep(1.0 / 500)
         await bus.usbmuxd.start(renumber=True)
         await eventually(
             lambda: all(s.phase is Phase.DONE for s in station.ports()), what="all 8 done", within=60

@@ -77,7 +77,9 @@ async def test_a_failing_step_is_retried_then_fails_with_the_error(
         assert state.step == "setup"
         assert state.attempt == retries + 1
         assert state.error is not None
-        assert state.error.code == "simulated_fault"
+        # The device answers DownloadAndApplyCloudConfiguration with an MCInstall error, which
+        # pymobiledevice3 raises and the backend reports as a rejection.
+        assert state.error.code == "mcinstall_rejected"
         assert "lockdown said no" in state.error.message
         attempts = [h for h in station.store.history(ref=A1) if h.phase is Phase.SETTING_UP]
         assert [h.attempt for h in attempts] == list(range(1, retries + 2))

@@ -40,16 +40,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import plistlib
+import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pymobiledevice3 import usbmux
+from pymobiledevice3.ca import generate_pairing_cert_chain
 from pymobiledevice3.exceptions import (
     BadDevError,
     CloudConfigurationAlreadyPresentError,
@@ -100,6 +104,34 @@ from daemon.usb.apple import AppleUsbError, format_ecid
 log = structlog.get_logger("benchhub.pmd3")
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def honour_cancel(operation: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Re-raise a cancellation the operation swallowed.
+
+    On Python 3.11 `asyncio.wait_for` returns the inner result when it is cancelled in the same loop
+    iteration as that result arrives (cpython gh-86296, fixed in 3.12), and pymobiledevice3 dials
+    through `wait_for`: a step cancelled then (daemon stopping, device unplugged, step timeout) would
+    carry on into the next step with its cancellation lost. The task's `cancelling()` count still
+    says a cancellation is pending, so it is raised here."""
+
+    @functools.wraps(operation)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.current_task()
+        pending = task.cancelling() if task is not None else 0
+        try:
+            result = await operation(*args, **kwargs)
+        except Exception:
+            if task is not None and task.cancelling() > pending:
+                raise asyncio.CancelledError from None
+            raise
+        if task is not None and task.cancelling() > pending:
+            raise asyncio.CancelledError
+        return result
+
+    return guarded
+
 
 PURPLEBUDDY_DOMAIN: Final = "com.apple.purplebuddy"
 """Setup Assistant's preferences, readable through lockdownd (libimobiledevice `ideviceinfo` lists the
@@ -394,6 +426,7 @@ class Pymobiledevice3Backend:
         self.pair_records = Path(pair_records)
         self.supervision = supervision
         self.restorer = restorer
+        self._rsa_host_key: rsa.RSAPrivateKey | None = None
         self.timeout = timeout
         self.setup_timeout = setup_timeout
         self.pair_timeout = pair_timeout
@@ -402,6 +435,7 @@ class Pymobiledevice3Backend:
 
     # -- DeviceBackend -----------------------------------------------------------------------------------
 
+    @honour_cancel
     async def info(self, udid: str) -> DeviceInfo:
         with self._errors(udid, "info"):
             async with asyncio.timeout(self.timeout), self._lockdown(udid) as ld:
@@ -419,6 +453,7 @@ class Pymobiledevice3Backend:
         outcome = await self.restorer.restore(request, progress)
         outcome.raise_for_error()
 
+    @honour_cancel
     async def erase(self, udid: str) -> None:
         with self._errors(udid, "erase"):
             async with asyncio.timeout(self.timeout), self._mcinstall(udid) as mc:
@@ -430,12 +465,14 @@ class Pymobiledevice3Backend:
                 )
         log.info("erase_acknowledged", udid=udid)
 
+    @honour_cancel
     async def cloud_configuration(self, udid: str) -> CloudConfig | None:
         with self._errors(udid, "cloud_configuration"):
             async with asyncio.timeout(self.timeout), self._mcinstall(udid) as mc:
                 details = await _reply("GetCloudConfiguration", mc.get_cloud_configuration())
         return cloud_config_from_details(details)
 
+    @honour_cancel
     async def setup(self, udid: str, plan: SetupPlan, progress: ProgressFn) -> None:
         if plan.skip_panes:
             # Which panes are skipped is part of the ADE profile on Apple's side; MCInstall's
@@ -541,7 +578,7 @@ class Pymobiledevice3Backend:
                 with self._keybag(self.supervision) as keybag:
                     await ld.pair_supervised(keybag, timeout=self.pair_timeout)
             else:
-                await ld.pair(timeout=self.pair_timeout)
+                await self._pair_off_loop(ld)
         except UserDeniedPairingError as exc:
             raise Pmd3PairingRefusedError(f"{seen.describe()} refused to trust this host", seen) from exc
         except PairingDialogResponsePendingError as exc:
@@ -557,6 +594,55 @@ class Pymobiledevice3Backend:
         if not await ld.validate_pairing():
             raise Pmd3NotPairedError(f"{seen.describe()} did not accept the new pair record", seen)
         log.info("paired", udid=udid, supervised=self.supervision is not None)
+
+    async def _pair_off_loop(self, ld: UsbmuxLockdownClient) -> None:
+        """`LockdownClient.pair`, with the certificates made in a thread.
+
+        pymobiledevice3 makes two 2048-bit RSA keys per pairing on the event loop (~55 ms of CPU
+        each, measured; every device pairs again after its erase), which stalls every other port,
+        the watcher and the publisher meanwhile. This is the same exchange (11.45 `pair`): the
+        device's public key, `generate_pairing_cert_chain` with this station's host key, the `Pair`
+        request, the record saved. It leans on `_request_pair`; should a pymobiledevice3 release drop
+        it, pairing falls back to `pair` itself."""
+        request_pair = getattr(ld, "_request_pair", None)
+        host_key = await self._host_key()
+        if request_pair is None:
+            await ld.pair(timeout=self.pair_timeout, private_key=host_key)
+            return
+        device_key = await ld.get_value("", "DevicePublicKey")
+        if not device_key:
+            raise PairingError()
+        host_cert, host_key_pem, device_cert, root_cert, root_key = await asyncio.to_thread(
+            generate_pairing_cert_chain, device_key, private_key=host_key
+        )
+        record: dict[str, Any] = {
+            "DeviceCertificate": device_cert,
+            "HostCertificate": host_cert,
+            "HostID": ld.host_id,
+            "RootCertificate": root_cert,
+            "RootPrivateKey": root_key,
+            "WiFiMACAddress": ld.wifi_mac_address,
+            "SystemBUID": ld.system_buid,
+        }
+        options = {
+            "HostName": socket.gethostname(),
+            "PairRecord": record,
+            "ProtocolVersion": "2",
+            "PairingOptions": {"ExtendedPairingErrors": True},
+        }
+        reply = await request_pair(options, timeout=self.pair_timeout)
+        record["HostPrivateKey"] = host_key_pem
+        if isinstance(reply, dict) and reply.get("EscrowBag") is not None:
+            record["EscrowBag"] = reply["EscrowBag"]
+        ld.pair_record = record
+        await ld.save_pair_record()
+        ld.paired = True
+
+    async def _host_key(self) -> rsa.RSAPrivateKey:
+        """This station's host key, made once, in a thread (see `_pair_off_loop`)."""
+        if self._rsa_host_key is None:
+            self._rsa_host_key = await asyncio.to_thread(rsa.generate_private_key, 65537, 2048)
+        return self._rsa_host_key
 
     def _record_saver(self, ld: UsbmuxLockdownClient) -> Any:
         async def save_pair_record() -> None:

@@ -7,7 +7,7 @@ Durations are seconds of real life, run `speed` times faster.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
 from daemon.ios.base import (
@@ -38,6 +38,37 @@ DURATIONS: Final[dict[str, float]] = {
 
 MDM_URL: Final = "https://mdm.example.com/enroll"
 ORGANIZATION: Final = "Example Corp"
+
+
+def ade_profile() -> dict[str, Any]:
+    """The cloud configuration Apple's device enrollment service hands a device assigned to an MDM
+    server (MCInstall `CloudConfiguration` keys; every simulated MDM server is the example one)."""
+    return {
+        "ConfigurationURL": MDM_URL,
+        "OrganizationName": ORGANIZATION,
+        "IsMDMUnremovable": True,
+        "IsSupervised": True,
+        "IsMandatory": True,
+        "AllowPairing": True,
+        "SkipSetup": [],
+    }
+
+
+def stored_cloud_config(device: SimDevice) -> dict[str, Any] | None:
+    """What the device reports as its cloud configuration (None: it has none). A device from a state
+    file written before the details were kept gets the simulated portal's."""
+    if not device.cloud_config_applied:
+        return None
+    return dict(device.cloud_config) if device.cloud_config is not None else ade_profile()
+
+
+def ade_server(world: SimWorld, device: SimDevice) -> str | None:
+    """Apple's rule for handing out a cloud configuration: only to a device the organisation has
+    assigned to a real MDM server (not Apple Configurator's placeholder). None: nothing for it."""
+    server = world.admin_assigned(device.serial)
+    if server is None or server == APPLE_CONFIGURATOR_SERVER:
+        return None
+    return server
 
 
 class SimulatedFault(DeviceError):
@@ -91,6 +122,30 @@ class SimOps:
         self.pull(fault, device, ref)
         raise DeviceGoneError(f"device {device.serial} was disconnected")
 
+    def wipe(self, device: SimDevice, ref: PortRef | None, fault: Fault | None) -> None:
+        """What an erase does once the device has acknowledged it: it leaves USB, wipes itself and
+        reboots into Setup Assistant (later, honouring a SLOW or UNPLUG `fault`; not at all when it
+        is no longer in a port, `ref` None); a provisional enrollment survives an erase, a cloud
+        configuration does not."""
+        device.started["erase"] += 1
+        device.completed["erase"] += 1
+        device.in_setup_assistant = True
+        device.clear_cloud_config()
+        self.world.save()
+        self.world.vanish(device)
+        if ref is None:
+            return
+        reboot = DURATIONS["erase"] / self.world.speed
+        if fault is not None and fault.kind is FaultKind.SLOW:
+            reboot *= fault.factor
+        if fault is not None and fault.kind is FaultKind.UNPLUG:
+            self.world.later(reboot * fault.at, lambda: self.pull(fault, device, ref))
+        self.world.later(reboot, lambda: self._reboot(device, ref))
+
+    def _reboot(self, device: SimDevice, ref: PortRef) -> None:
+        if self.world.port_of(device.ecid) == ref:
+            self.world.reappear(device)
+
     def pull(self, fault: Fault, device: SimDevice, ref: PortRef) -> None:
         """The technician pulls the device out (and plugs it back later if the fault says so)."""
         self.world.unplug(ref)
@@ -130,9 +185,11 @@ class SimDeviceBackend:
             # device where it was (the real-hardware case of a device stuck in Recovery is issue 5's).
             device.mode = DeviceMode.NORMAL
         device.ios_version, device.build = target.version, target.build
-        if erase:
+        if erase:  # an erase-install: the erase's effect took place too
             device.in_setup_assistant = True
-            device.cloud_config_applied = False
+            device.clear_cloud_config()
+            device.started["erase"] += 1
+            device.completed["erase"] += 1
         device.completed["update"] += 1
         self.world.save()
         self.world.reappear(device)
@@ -146,42 +203,29 @@ class SimDeviceBackend:
         fault = self.world.take_fault("erase", ref)
         if fault is not None and fault.kind is FaultKind.FAIL:
             raise SimulatedFault(f"erase: {fault.message}")
-        # The device acknowledges EraseDevice, then leaves USB, wipes itself and reboots into Setup
-        # Assistant; a provisional enrollment survives an erase, a cloud configuration does not.
-        device.started["erase"] += 1
-        device.completed["erase"] += 1
-        device.in_setup_assistant = True
-        device.cloud_config_applied = False
-        self.world.save()
-        self.world.vanish(device)
-        reboot = DURATIONS["erase"] / self.world.speed
-        if fault is not None and fault.kind is FaultKind.SLOW:
-            reboot *= fault.factor
-        if fault is not None and fault.kind is FaultKind.UNPLUG:
-            self.world.later(reboot * fault.at, lambda: self.ops.pull(fault, device, ref))
-        self.world.later(reboot, lambda: self._reboot(device, ref))
-
-    def _reboot(self, device: SimDevice, ref: PortRef) -> None:
-        if self.world.port_of(device.ecid) == ref:
-            self.world.reappear(device)
+        self.ops.wipe(device, ref, fault)
 
     async def cloud_configuration(self, udid: str) -> CloudConfig | None:
         device, _ref = self.ops.locate(udid)
-        if not device.cloud_config_applied:
+        details = stored_cloud_config(device)
+        if details is None:
             return CloudConfig(applied=False)
         return CloudConfig(
-            applied=True, configuration_url=MDM_URL, organization=ORGANIZATION, is_mdm_unremovable=True
+            applied=True,
+            configuration_url=details.get("ConfigurationURL"),
+            organization=details.get("OrganizationName"),
+            is_mdm_unremovable=bool(details.get("IsMDMUnremovable")),
         )
 
     async def setup(self, udid: str, plan: SetupPlan, progress: ProgressFn) -> None:
         device, ref = self.ops.locate(udid)
         if device.cloud_config_applied:
             raise UnexpectedReplyError("cloud configuration already applied (MCInstall error 14002)")
-        server = self.world.admin_assigned(device.serial)
-        if server is None or server == APPLE_CONFIGURATOR_SERVER:
+        server = ade_server(self.world, device)
+        if server is None:
             raise UnexpectedReplyError(f"no Automated Device Enrollment profile for {device.serial} yet")
         await self.ops.run("setup", device, ref, progress, ticks=5)
-        device.cloud_config_applied = True
+        device.store_cloud_config(ade_profile())
         device.in_setup_assistant = False
         device.completed["setup"] += 1
         self.world.save()
@@ -202,4 +246,5 @@ class SimFirmware:
         if not fitting:
             return None
         best = max(fitting, key=lambda r: parse_version(r.version))
-        return UpdateTarget(best.version, best.build)
+        # Apple's IPSWs carry Erase and Update identities for every device they support.
+        return UpdateTarget(best.version, best.build, erase_install=True, update_install=True)

@@ -31,6 +31,10 @@ class SimDevice:
     build: str
     in_setup_assistant: bool = False
     cloud_config_applied: bool = False
+    """The device holds a cloud configuration (what MCInstall's `GetCloudConfiguration` reports)."""
+    cloud_config: dict[str, Any] | None = None
+    """Its details as the device stored them; None with `cloud_config_applied` for state files
+    written before the details were kept (`cloud_configuration()` fills in the simulated portal's)."""
     mode: DeviceMode = DeviceMode.NORMAL
     completed: Counter[str] = field(default_factory=Counter)
     started: Counter[str] = field(default_factory=Counter)
@@ -56,6 +60,15 @@ class SimDevice:
             in_setup_assistant=self.in_setup_assistant,
         )
 
+    def store_cloud_config(self, details: dict[str, Any]) -> None:
+        self.cloud_config = dict(details)
+        self.cloud_config_applied = True
+
+    def clear_cloud_config(self) -> None:
+        """An erase (or erase-install restore) removes the cloud configuration."""
+        self.cloud_config = None
+        self.cloud_config_applied = False
+
     def to_json(self) -> dict[str, Any]:
         return {
             "product_type": self.product_type,
@@ -66,6 +79,7 @@ class SimDevice:
             "build": self.build,
             "in_setup_assistant": self.in_setup_assistant,
             "cloud_config_applied": self.cloud_config_applied,
+            "cloud_config": _jsonable(self.cloud_config),
             "completed": dict(self.completed),
             "started": dict(self.started),
         }
@@ -81,9 +95,23 @@ class SimDevice:
             build=data["build"],
             in_setup_assistant=data["in_setup_assistant"],
             cloud_config_applied=data["cloud_config_applied"],
+            cloud_config=data.get("cloud_config"),
             completed=Counter(data.get("completed", {})),
             started=Counter(data.get("started", {})),
         )
+
+
+def _jsonable(details: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The details a state file can keep: plain values only. A host-made configuration may carry
+    DER certificates (bytes); they matter to lockdownd while the bench runs, not across restarts."""
+    if details is None:
+        return None
+    plain = (str, int, float, bool)
+    return {
+        k: v
+        for k, v in details.items()
+        if isinstance(v, plain) or (isinstance(v, list) and all(isinstance(i, plain) for i in v))
+    }
 
 
 def make_device(seed: int, index: int, minimum_major: int = 0) -> SimDevice:

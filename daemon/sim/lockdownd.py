@@ -138,7 +138,9 @@ class LockdownState:
 
     info: DeviceInfo
     mode: DeviceMode = DeviceMode.NORMAL
-    device_name: str = "iPhone"
+    device_name: str | None = None
+    """`DeviceName` (the name the owner gave it); None: an unnamed device's default, its class
+    ("iPhone", "iPad"), as a freshly erased device reports."""
     hardware_model: str = "D16AP"
     wifi_address: str = "f0:99:b6:00:00:01"
     pair_policy: PairPolicy = "accept"
@@ -164,7 +166,7 @@ class LockdownState:
             "BuildVersion": info.build,
             "ActivationState": info.activation_state,
             "DeviceClass": info.device_class,
-            "DeviceName": self.device_name,
+            "DeviceName": self.device_name or info.device_class,
             "HardwareModel": self.hardware_model,
             "CPUArchitecture": "arm64e",
             "ProductName": "iPhone OS",

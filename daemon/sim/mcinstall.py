@@ -162,6 +162,12 @@ class DeviceEffects(Protocol):
         raise `McError` when there is nothing for it."""
         ...
 
+    async def before(self, request: str) -> None:
+        """Called before the device handles `request` (a `RequestType`): a device may refuse it
+        here by raising `McError` (how the simulated world injects faults into EraseDevice, whose
+        acknowledgement would otherwise go out before anything could fail)."""
+        ...
+
     def profiles(self) -> list[InstalledProfile]:
         """Installed profiles, in installation order."""
         ...
@@ -196,6 +202,7 @@ class McInstallResponder:
             return _status(COMMAND_FORMAT_ERROR)
         kind: str = request["RequestType"]
         try:
+            await self.effects.before(kind)
             if kind in ("HelloHostIdentifier", "Flush"):
                 return _status(ACKNOWLEDGED)
             if kind == "GetCloudConfiguration":
@@ -410,6 +417,9 @@ class MemoryDeviceEffects:
                 "This device has no Automated Device Enrollment configuration.",
             )
         return dict(self.assigned)
+
+    async def before(self, request: str) -> None:
+        del request  # an in-memory device refuses nothing up front
 
     def profiles(self) -> list[InstalledProfile]:
         return list(self.installed)

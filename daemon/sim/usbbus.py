@@ -13,7 +13,9 @@ station here, through the same code it uses on a real bench (`daemon.usb.watcher
   same hotplug from libusb, then opens the device, sets its configuration and handshakes), with a new
   DeviceID and LocationID `(bus << 16) | devnum` matching sysfs; `Detached` when it leaves. The fake
   usbmuxd is a real UNIX-socket server: pymobiledevice3 can be pointed at it
-  (`USBMUXD_SOCKET_ADDRESS=<socket_path>`).
+  (`USBMUXD_SOCKET_ADDRESS=<socket_path>`). Each device's lockdownd and its MCInstall and
+  mobileactivationd services answer from the world (`daemon.sim.effects`), so pymobiledevice3 can
+  detect, erase and set up the simulated devices through it.
 
 Ordering and delays follow a real host: plugging takes `timing.enumerate` seconds until sysfs and
 udev show the device, `timing.usbmuxd` more until usbmuxd announces it; leaving is seen by all three
@@ -37,6 +39,8 @@ import structlog
 
 from daemon.ios.base import DeviceEvent, DeviceGone, DeviceMode, DeviceSeen
 from daemon.sim.devices import SimDevice
+from daemon.sim.effects import WorldDevices
+from daemon.sim.mcinstall import install_services
 from daemon.sim.usbmuxd import PRODUCT_IDS, FakeUsbmuxd, bus_of
 from daemon.sim.world import SimWorld
 from daemon.usb.apple import APPLE_VID, DFU_PID, parse_ecid
@@ -132,6 +136,8 @@ class SimUsbBus:
         self.sysfs_root = directory / "sysfs"
         self.sysfs = UsbSysfs(self.sysfs_root)
         self.usbmuxd = FakeUsbmuxd(directory / "usbmuxd")
+        self.devices = WorldDevices(world)
+        install_services(self.usbmuxd, self.devices.effects_for)
         self.hotplug = SimHotplug()
         self._rng = random.Random(world.seed)
         self._devnums: dict[int, int] = {}
@@ -149,6 +155,13 @@ class SimUsbBus:
     @property
     def socket_path(self) -> str:
         return self.usbmuxd.socket_path
+
+    @property
+    def pair_records(self) -> Path:
+        """Where a station's pymobiledevice3 keeps its pair records for this bus: next to the
+        socket, so they go with the bus (whose devices remember their pairings only as long as it
+        runs, like the usbmuxd's own copies)."""
+        return self.directory / "pair_records"
 
     def watcher(self) -> DeviceWatcher:
         """The station's device watcher, on this bus: the real usbmuxd client, sysfs reader and

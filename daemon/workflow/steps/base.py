@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import structlog
@@ -84,6 +84,9 @@ class StepContext:
     """`await wait_for_device(generation)`: the UDID once the device is back in normal mode after
     the given presence generation (it re-enumerates during erase and restore)."""
     log: structlog.stdlib.BoundLogger
+    done_by_earlier: dict[str, str] = field(default_factory=dict)
+    """Later steps whose effect an earlier step already produced, with why (an erase-install restore
+    is the erase). Lost on a restart, which only costs a repeat of a step that is safe to repeat."""
 
     @property
     def device(self) -> DeviceInfo:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 from daemon.workflow.phases import Phase
-from daemon.workflow.steps.base import Step, StepContext, StepError, ensure_same_device
+from daemon.workflow.steps.base import (
+    Check,
+    CheckResult,
+    Step,
+    StepContext,
+    StepError,
+    ensure_same_device,
+)
 
 
 class EraseStep(Step):
@@ -13,6 +20,10 @@ class EraseStep(Step):
     phase: ClassVar[Phase] = Phase.ERASING
     # Erasing an erased device costs time, nothing else (a provisional enrollment survives an erase).
     safe_to_repeat: ClassVar[bool] = True
+
+    async def check(self, ctx: StepContext) -> CheckResult:
+        reason = ctx.done_by_earlier.get(self.name)
+        return CheckResult(Check.DONE, reason) if reason else CheckResult(Check.NEEDED)
 
     async def run(self, ctx: StepContext) -> str | None:
         before = ctx.device

@@ -40,11 +40,17 @@ class UpdateStep(Step):
                 attention=True,
             )
         before = device.ios_version
+        # When the erase step is due too, one erase-install restore does both: a whole device cycle
+        # (erase, reboot, Setup Assistant) saved. Only where the IPSW has an Erase identity.
+        erase = target.erase_install is True and "erase" in ctx.workflow.steps
         generation = ctx.presence_generation()
-        await ctx.services.backend.update(ctx.udid, target, erase=False, progress=ctx.progress)
+        await ctx.services.backend.update(ctx.udid, target, erase=erase, progress=ctx.progress)
         ctx.udid = await ctx.wait_for_device(generation)
         after = await ctx.refresh()
         ensure_same_device(device, after)
         if not at_least(after.ios_version, minimum):
             raise StepError("update_not_applied", f"device still reports iOS {after.ios_version}")
+        if erase:
+            ctx.done_by_earlier["erase"] = f"erased by the erase-install restore to iOS {after.ios_version}"
+            return f"iOS {before} -> {after.ios_version} ({after.build}), erase-install"
         return f"iOS {before} -> {after.ios_version} ({after.build})"
