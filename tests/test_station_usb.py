@@ -321,3 +321,38 @@ async def test_a_learned_port_map_decides_which_port_a_device_is_on(
         a3 = PortRef("hub-a", 3)
         await eventually(lambda: station.store.port(a3).phase is Phase.DONE, what="done on port 3")
         assert station.store.port(A1).phase is Phase.EMPTY
+
+
+# -- a failed restore is judged on the device as it is afterwards ----------------------------------
+
+
+async def test_a_restore_failing_part_way_needs_attention_not_a_rerun(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = station_config(tmp_path, mosquitto, devices=0, workflow={"reenumeration_window": 0.5})
+    world = build_sim_world(config)
+    world.inject(Fault("update", FaultKind.FAIL, A1, message="restore_failed after touch"))
+    async with running(config, world) as station:
+        device = device_needing(world, update=True)
+        world.plug(A1, device)
+        # The restore fails part-way: the device is left in Recovery, where nothing can read its version.
+        await eventually(lambda: station.store.port(A1).phase is Phase.NEEDS_ATTENTION, what="attention")
+        state = station.store.port(A1)
+        assert state.error is not None
+        assert state.error.code == "unknown_state"
+        assert "cannot read the device after simulated_fault" in state.error.message
+        assert device.started["update"] == 1  # never silently restored again
+
+
+async def test_a_failed_restore_that_left_the_old_version_is_run_again(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = station_config(tmp_path, mosquitto, devices=0)
+    world = build_sim_world(config)
+    world.inject(Fault("update", FaultKind.FAIL, A1, at=0, message="tss_unreachable before touch"))
+    async with running(config, world) as station:
+        device = device_needing(world, update=True)
+        world.plug(A1, device)
+        await eventually(lambda: station.store.port(A1).phase is Phase.DONE, what="done")
+        # The re-read showed the old version: the effect was provably absent, so one more restore.
+        assert (device.started["update"], device.completed["update"]) == (2, 1)

@@ -7,7 +7,7 @@ Durations are seconds of real life, run `speed` times faster.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
 from daemon.ios.base import (
@@ -95,9 +95,12 @@ class SimOps:
         progress: ProgressFn | None = None,
         *,
         ticks: int = 1,
+        fault: Fault | Literal["take"] | None = "take",
     ) -> None:
-        """Spend the operation's simulated time, raising where a fault says so."""
-        fault = self.world.take_fault(op, ref)
+        """Spend the operation's simulated time, raising where a fault says so (the fault for this
+        operation and port, unless the caller took it already)."""
+        if fault == "take":
+            fault = self.world.take_fault(op, ref)
         device.started[op] += 1
         self.world.save()
         duration = DURATIONS[op]
@@ -169,6 +172,11 @@ class SimDeviceBackend:
         device, ref = self.ops.locate(udid)
         if major(target.version) > device.model.max_major:
             raise UnexpectedReplyError(f"{device.product_type} does not support iOS {target.version}")
+        fault = self.world.take_fault("update", ref)
+        if fault is not None and fault.kind is FaultKind.FAIL and fault.at == 0:
+            # Failed before touching the device (the signing server unreachable, say): it is as it was.
+            device.started["update"] += 1
+            raise SimulatedFault(f"update: {fault.message}")
         progress(0, "entering recovery mode")
         self.world.reenumerate(device, DeviceMode.RECOVERY)
 
@@ -179,11 +187,20 @@ class SimDeviceBackend:
             progress(percent, "restoring")
 
         try:
-            await self.ops.run("update", device, ref, restoring, ticks=20)
-        finally:
-            # Until the final reboot the old system is intact: an interrupted restore leaves the
-            # device where it was (the real-hardware case of a device stuck in Recovery is issue 5's).
+            await self.ops.run("update", device, ref, restoring, ticks=20, fault=fault)
+        except SimulatedFault:
+            # A restore that fails part-way leaves the device in Recovery, as real ones do: it needs
+            # a person (or another restore, found by ECID), and cannot say what version it has.
+            self.world.reenumerate(device, DeviceMode.RECOVERY)
+            raise
+        except BaseException:
+            # Cut off (cancelled, unplugged): the old system is intact until the final reboot, so the
+            # device boots back into it (if it is still in its port).
             device.mode = DeviceMode.NORMAL
+            if self.world.port_of(device.ecid) == ref:
+                self.world.reappear(device)
+            raise
+        device.mode = DeviceMode.NORMAL
         device.ios_version, device.build = target.version, target.build
         if erase:  # an erase-install: the erase's effect took place too
             device.in_setup_assistant = True

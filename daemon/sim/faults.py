@@ -25,7 +25,9 @@ class Fault:
     port: PortRef | None = None
     times: int = 1
     at: float = 0.5
-    """For UNPLUG: how far through the operation (0..1) the device is pulled."""
+    """For UNPLUG: how far through the operation (0..1) the device is pulled. For a FAIL of `update`:
+    0 fails before the device is touched (it stays as it was), anything else part-way through (the
+    device is left in Recovery)."""
     factor: float = 10.0
     """For SLOW: how much longer the operation takes."""
     replug_after: float | None = None

@@ -271,7 +271,8 @@ class SimWorld:
                 fault.times -= 1
                 return fault
         if self.fail_rate and self._rng.random() < self.fail_rate:
-            return Fault(op, FaultKind.FAIL, message="simulated transient failure (sim.fail_rate)")
+            # Transient: it fails before any effect (at=0), so a retry is a first try.
+            return Fault(op, FaultKind.FAIL, at=0.0, message="simulated transient failure (sim.fail_rate)")
         return None
 
     def schedule_replug(self, ref: PortRef, device: SimDevice, delay: float) -> None:

@@ -442,6 +442,25 @@ class PortRunner:
             extra=extra,
         )
 
+    async def _recheck(self, step: Step, ctx: StepContext, failure: _Failure) -> CheckResult:
+        """`check` after a failed attempt of an unsafe step, on freshly read device state. A device
+        that cannot be read gets the re-enumeration window to come back (a cut-off restore reboots
+        it); still unreadable then (left in Recovery, gone), the answer is UNKNOWN."""
+        generation = self._generation
+        try:
+            await ctx.refresh()
+        except (DeviceError, TimeoutError):
+            with contextlib.suppress(TimeoutError):
+                ctx.udid = await asyncio.wait_for(
+                    self._wait_for_device(generation), self.workflow.reenumeration_window
+                )
+            try:
+                await ctx.refresh()
+            except (DeviceError, TimeoutError) as exc:
+                reason = getattr(exc, "message", None) or type(exc).__name__
+                return CheckResult(Check.UNKNOWN, f"cannot read the device after {failure.code}: {reason}")
+        return await self._check(step, ctx)
+
     async def _check(self, step: Step, ctx: StepContext) -> CheckResult:
         timeout = self.workflow.policy_for(step.name).timeout
         try:
@@ -466,8 +485,9 @@ class PortRunner:
         failure: _Failure | None = None
         for attempt in range(1, attempts + 1):
             if failure is not None and not step.safe_to_repeat:
-                # The failed attempt may have taken effect; only a proven absence allows another.
-                check = await self._check(step, ctx)
+                # The failed attempt may have taken effect; only a proven absence allows another,
+                # judged on the device as it is now (a restore may have changed its version).
+                check = await self._recheck(step, ctx, failure)
                 if check.outcome is Check.DONE:
                     self._last_detail = check.reason
                     return True
