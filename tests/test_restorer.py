@@ -663,3 +663,11 @@ def test_a_worker_ends_itself_when_the_daemon_goes_away() -> None:
     proc.stdout.close()
     assert child is not None
     assert dies(child)
+
+
+def test_the_worker_is_told_the_stations_pair_record_directory(tmp_path: Path) -> None:
+    """Never a home folder: the worker pairs and looks for records where the station keeps them."""
+    request = RestoreRequest("1C604A3405801E", tmp_path / "a.ipsw", udid="U", pair_records=tmp_path / "pr")
+    args = request.worker_args()
+    assert args[args.index("--pair-records") + 1] == str(tmp_path / "pr")
+    assert "--pair-records" not in RestoreRequest("1C604A3405801E", tmp_path / "a.ipsw").worker_args()

@@ -449,7 +449,9 @@ class Pymobiledevice3Backend:
                 f"update of {udid} to iOS {target.version}: no restorer or no IPSW file to restore from"
             )
         device = await self.info(udid)
-        request = RestoreRequest(device.ecid, target.ipsw, erase=erase, udid=udid)
+        request = RestoreRequest(
+            device.ecid, target.ipsw, erase=erase, udid=udid, pair_records=self.pair_records
+        )
         outcome = await self.restorer.restore(request, progress)
         outcome.raise_for_error()
 

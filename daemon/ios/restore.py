@@ -107,6 +107,9 @@ class RestoreRequest:
     erase: bool = False
     udid: str | None = None
     timeout: float | None = None
+    pair_records: Path | None = None
+    """The station's pair record directory: the worker pairs (and looks for records) there, never in
+    a home folder."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ecid", normalize_ecid(self.ecid))
@@ -117,6 +120,8 @@ class RestoreRequest:
             args.append("--erase")
         if self.udid:
             args += ["--udid", self.udid]
+        if self.pair_records is not None:
+            args += ["--pair-records", str(self.pair_records)]
         return args
 
 

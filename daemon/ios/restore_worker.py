@@ -266,14 +266,16 @@ async def check_host() -> None:
     await usbmux.list_devices()  # ConnectionFailedToUsbmuxdError -> usb_unavailable
 
 
-async def _normal_mode_device(ecid: int, udid: str | None) -> Device | None:
+async def _normal_mode_device(ecid: int, udid: str | None, pair_records: Path | None) -> Device | None:
     devices = [d for d in await usbmux.list_devices() if d.connection_type == "USB"]
     # Devices whose UDID names another ECID are left alone: one may be mid-restore in another worker.
     devices = [d for d in devices if d.ecid is None or d.ecid == ecid]
     devices.sort(key=lambda d: d.serial != udid)
     for mux_device in devices:
         try:
-            lockdown = await create_using_usbmux(serial=mux_device.serial, connection_type="USB")
+            lockdown = await create_using_usbmux(
+                serial=mux_device.serial, connection_type="USB", pairing_records_cache_folder=pair_records
+            )
         except PyMobileDevice3Exception:
             continue  # restore mode (not lockdownd), pairing trouble, gone again
         if lockdown.ecid == ecid:
@@ -282,12 +284,14 @@ async def _normal_mode_device(ecid: int, udid: str | None) -> Device | None:
     return None
 
 
-async def find_device(ecid: int, udid: str | None, patience: float) -> tuple[Device, DeviceMode]:
+async def find_device(
+    ecid: int, udid: str | None, patience: float, pair_records: Path | None = None
+) -> tuple[Device, DeviceMode]:
     """The device with this ECID in normal, Recovery or DFU mode, looking once a second for up to
     `patience` seconds (it may be between modes after an earlier, interrupted attempt)."""
     deadline = time.monotonic() + patience
     while True:
-        device = await _normal_mode_device(ecid, udid)
+        device = await _normal_mode_device(ecid, udid, pair_records)
         if device is not None:
             return device, DeviceMode.NORMAL
         mode = match_recovery_device(_usb_apple_devices(), ecid)
@@ -429,7 +433,7 @@ async def run(args: argparse.Namespace, emit: Emit) -> None:
     )
     await check_host()
     emit(ProgressEvent("Looking for the device", "find_device"))
-    device, mode = await find_device(ecid, args.udid, args.find_timeout)
+    device, mode = await find_device(ecid, args.udid, args.find_timeout, args.pair_records)
     emit(ModeEvent(mode))
     behavior = Behavior.Erase if args.erase else Behavior.Update
     restore = ReportingRestore(
@@ -451,6 +455,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--erase", action="store_true", help="Erase Install instead of Upgrade Install")
     parser.add_argument("--udid", help="normal-mode UDID, if known (saves probing legacy devices)")
     parser.add_argument("--find-timeout", type=float, default=30.0, help="seconds to look for the device")
+    parser.add_argument("--pair-records", type=Path, help="the station's pair record directory")
     parser.add_argument("--restore-mode-timeout", type=float, default=300.0)
     parser.add_argument("--verbose", action="store_true", help="pymobiledevice3 debug logs on stderr")
     args = parser.parse_args(argv)

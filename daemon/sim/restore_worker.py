@@ -98,6 +98,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--erase", action="store_true")
     parser.add_argument("--udid")
     parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--pair-records", help="accepted like the real worker's; unused")
     parser.add_argument("--fail-at", type=float)
     parser.add_argument("--error", default=RestoreCode.RESTORE_FAILED.value, choices=sorted(WORKER_CODES))
     parser.add_argument("--hang", action="store_true", help="hang at 50 %%")
