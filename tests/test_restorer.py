@@ -377,12 +377,16 @@ async def mux(
     await fake_mux.stop()
 
 
-async def test_worker_finds_a_normal_mode_device_by_ecid_through_usbmuxd(mux: FakeUsbmuxd) -> None:
-    """The simulated usbmuxd and lockdownd, with pymobiledevice3's own client (and auto-pairing)."""
+async def test_worker_finds_a_normal_mode_device_by_ecid_through_usbmuxd(
+    mux: FakeUsbmuxd, tmp_path: Path
+) -> None:
+    """The simulated usbmuxd and lockdownd, with pymobiledevice3's own client (and auto-pairing into
+    the station's directory)."""
     others, target = make_device(7, 1).info(), make_device(7, 2).info()
     mux.attach(others, "1-1.1")
     mux.attach(target, "1-1.2")
-    device, mode = await find_device(int(target.ecid, 16), None, 0)
+    device, mode = await find_device(int(target.ecid, 16), None, 0, tmp_path / "pair")
+    assert (tmp_path / "pair" / f"{target.udid}.plist").exists()
     assert mode is DeviceMode.NORMAL
     assert device.get_ecid_value() == int(target.ecid, 16)
     assert device.lockdown is not None

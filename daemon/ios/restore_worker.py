@@ -273,8 +273,13 @@ async def _normal_mode_device(ecid: int, udid: str | None, pair_records: Path | 
     devices.sort(key=lambda d: d.serial != udid)
     for mux_device in devices:
         try:
+            # Pair only into the station's directory; without one, read what an unpaired host may
+            # (the ECID is among it) rather than let pymobiledevice3 write to a home folder.
             lockdown = await create_using_usbmux(
-                serial=mux_device.serial, connection_type="USB", pairing_records_cache_folder=pair_records
+                serial=mux_device.serial,
+                connection_type="USB",
+                autopair=pair_records is not None,
+                pairing_records_cache_folder=pair_records,
             )
         except PyMobileDevice3Exception:
             continue  # restore mode (not lockdownd), pairing trouble, gone again
