@@ -261,6 +261,11 @@ class DevicesConfig(_Model):
     the service user has none, and records must survive with the station's state)."""
     hotplug: Literal["auto", "udev", "poll"] = "auto"
     """USB hotplug source: udev where it runs, else polling sysfs (containers) or libusb (macOS)."""
+    backend: Literal["pymobiledevice3", "cfgutil"] = "pymobiledevice3"
+    """How device operations are carried out: pymobiledevice3 (Linux and macOS), or Apple
+    Configurator's `cfgutil` on a Mac (restores then are not available: no update step)."""
+    cfgutil: str = "cfgutil"
+    """The cfgutil executable (Apple Configurator > Install Automation Tools puts it on the PATH)."""
 
 
 NEEDS_APPLE_SERVICES: tuple[StepName, ...] = ("enroll", "assign")
@@ -317,6 +322,11 @@ class Config(_Model):
                 f"workflow.steps: {' and '.join(apple)} need Apple Business Manager access, not available"
                 ' on a real bench yet; use steps = ["update", "erase", "setup"] for devices already in'
                 " Apple Business Manager"
+            )
+        if "update" in self.workflow.steps and self.devices.backend == "cfgutil":
+            raise ValueError(
+                "devices.backend: the update step needs the pymobiledevice3 backend (cfgutil restores are"
+                ' not supported); use backend = "pymobiledevice3" or leave "update" out of workflow.steps'
             )
         if "update" in self.workflow.steps and self.firmware.ipsw_dir is None:
             raise ValueError(

@@ -23,6 +23,7 @@ from daemon.ios.base import (
     SetupPlan,
     UpdateTarget,
 )
+from daemon.ios.cfgutil import CfgutilBackend
 from daemon.ios.firmware import IpswCache
 from daemon.ios.pmd3 import Pymobiledevice3Backend
 from daemon.ios.restore import ProcessRestorer
@@ -117,16 +118,23 @@ def sim_services(world: SimWorld, bus: SimUsbBus | None = None) -> Services:
 
 
 def real_services(config: Config) -> Services:
-    devices, ipsw_dir = config.devices, config.firmware.ipsw_dir
-    assert devices.pair_records is not None, "config loading defaults it next to the database"
+    ipsw_dir = config.firmware.ipsw_dir
     apple = NoAppleServices()
     return Services(
-        # Restores run in worker processes (docs/restores.md); a worker ends itself with the daemon.
-        backend=Pymobiledevice3Backend(devices.usbmuxd, devices.pair_records, restorer=ProcessRestorer()),
+        backend=real_backend(config),
         firmware=IpswCache(ipsw_dir) if ipsw_dir is not None else NoFirmware(),
         enroller=apple,
         assignment=apple,
     )
+
+
+def real_backend(config: Config) -> DeviceBackend:
+    devices = config.devices
+    assert devices.pair_records is not None, "config loading defaults it next to the database"
+    if devices.backend == "cfgutil":
+        return CfgutilBackend(devices.cfgutil)
+    # Restores run in worker processes (docs/restores.md); a worker ends itself with the daemon.
+    return Pymobiledevice3Backend(devices.usbmuxd, devices.pair_records, restorer=ProcessRestorer())
 
 
 def real_watcher(config: Config) -> DeviceWatcher:

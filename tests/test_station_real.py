@@ -6,8 +6,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from daemon.config import parse_config
-from daemon.devicesetup import NoAppleServices
+import pytest
+
+from daemon.config import ConfigError, parse_config
+from daemon.devicesetup import NoAppleServices, real_backend
+from daemon.ios.cfgutil import CfgutilBackend
 from daemon.ios.firmware import IpswCache
 from daemon.ios.pmd3 import Pymobiledevice3Backend
 from daemon.sim.usbmuxd import FakeUsbmuxd
@@ -45,3 +48,17 @@ async def test_a_real_bench_uses_pymobiledevice3_and_the_configured_usbmuxd(
         await eventually(lambda: watcher.usbmux.connected, what="listening on the configured usbmuxd")
         # The hub's serial port does not exist: the station runs on, reporting the hub offline.
         assert station.store.hub_statuses().get("hub-a") is not True
+
+
+def test_a_mac_station_can_use_apple_configurators_cfgutil(tmp_path: Path) -> None:
+    base = {
+        "station": {"id": "mac-1"},
+        "hubs": [{"id": "hub-a", "kind": "usbhub", "usb_path": "1-1", "ports": 4}],
+        "workflow": {"steps": ["erase", "setup"]},
+        "devices": {"backend": "cfgutil", "cfgutil": "/usr/local/bin/cfgutil"},
+    }
+    backend = real_backend(parse_config(base, tmp_path))
+    assert isinstance(backend, CfgutilBackend)
+    assert backend.argv_prefix == ("/usr/local/bin/cfgutil",)
+    with pytest.raises(ConfigError, match=r"devices\.backend: the update step needs the pymobiledevice3"):
+        parse_config({**base, "workflow": {"steps": ["update", "erase", "setup"]}}, tmp_path)
