@@ -84,6 +84,9 @@ class WorkflowConfig(_Model):
     assignment_poll_interval: Annotated[float, Field(gt=0)] = 30.0
     mdm_server: str = ""
     """Name of the MDM server devices must end up assigned to (as shown in Apple Business Manager)."""
+    mdm_url: str = ""
+    """The enrollment URL the devices' cloud configuration must name after setup (its
+    `ConfigurationURL`); a device set up for another MDM goes to needs_attention. Empty: not checked."""
     reenumeration_window: Annotated[float, Field(gt=0, le=3600)] = 30.0
     """Seconds a device may be off USB and still be the same device on the same port (reboots,
     Recovery); on hubs that cannot sense unplugging, longer than this counts as unplugged."""

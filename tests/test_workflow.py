@@ -263,3 +263,21 @@ async def test_hub_link_outage_is_reported_and_recovered(tmp_path: Path, mosquit
         station.world.set_hub_online("hub-a", True)
         await eventually(lambda: station.store.hub_statuses()["hub-a"] is True, within=10, what="hub back")
         await eventually(lambda: all_done(station), what="the device finished regardless")
+
+
+async def test_a_device_set_up_for_another_mdm_needs_attention(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = station_config(
+        tmp_path, mosquitto, devices=1, workflow={"mdm_url": "https://mdm.other.example/enroll"}
+    )
+    async with running(config) as station:
+        await eventually(
+            lambda: station.store.port(A1).phase is Phase.NEEDS_ATTENTION, what="needs attention"
+        )
+        state = station.store.port(A1)
+        assert state.step == "setup"
+        assert state.error is not None
+        assert state.error.code == "mdm_url_mismatch"
+        assert "https://mdm.other.example/enroll" in state.error.message
+        device = next(iter(station.world.devices.values())) if station.world else None
+        assert device is not None
+        assert device.started["setup"] == 1  # not retried: the configuration is on the device now

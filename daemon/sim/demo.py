@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.config import Config, ConfigError, default_policies, parse_config
 from daemon.models import PortRef, PortState
+from daemon.sim.backend import MDM_URL
 from daemon.sim.world import SimWorld
 from daemon.workflow.phases import SETTLED, Phase
 from hubdrivers.cambrionix.models import find_model
@@ -79,6 +80,7 @@ def demo_config(options: DemoOptions, state_dir: Path) -> Config:
         "workflow": {
             "minimum_ios": options.minimum_ios,
             "mdm_server": "benchhub MDM",
+            "mdm_url": MDM_URL,
             "assignment_poll_interval": max(30.0 / speed, 0.02),
             "policy": policy,
         },

@@ -26,7 +26,8 @@ class SetupStep(Step):
         return CheckResult(Check.NEEDED, "no cloud configuration applied")
 
     async def run(self, ctx: StepContext) -> str | None:
-        await ctx.services.backend.setup(ctx.udid, SetupPlan(), ctx.progress)
+        plan = SetupPlan(expected_mdm_url=ctx.workflow.mdm_url or None)
+        await ctx.services.backend.setup(ctx.udid, plan, ctx.progress)
         config = await ctx.services.backend.cloud_configuration(ctx.udid)
         if config is None or not config.applied:
             raise StepError("setup_not_applied", "the device reports no cloud configuration after setup")
