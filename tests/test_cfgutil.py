@@ -30,7 +30,8 @@ from daemon.ios.cfgutil_output import (
     parse_json_output,
     udid_to_ecid,
 )
-from daemon.ios.pmd3 import MdmUrlMismatchError, RestoreUnavailableError
+from daemon.ios.cloudconfig import MdmUrlMismatchError
+from daemon.ios.pmd3 import RestoreUnavailableError
 from daemon.sim.cfgutil_fake import STATE_ENV
 
 FAKE = [sys.executable, "-m", "daemon.sim.cfgutil_fake"]

@@ -26,16 +26,15 @@ from daemon.ios.base import (
     UnexpectedReplyError,
     UpdateTarget,
 )
+from daemon.ios.cloudconfig import MdmUrlMismatchError, cloud_config_from_details
 from daemon.ios.pmd3 import (
     CloudConfigAlreadyAppliedError,
     McInstallRejectedError,
-    MdmUrlMismatchError,
     Pmd3NotPairedError,
     Pmd3PairingRefusedError,
     Pymobiledevice3Backend,
     RestoreUnavailableError,
     SupervisionIdentity,
-    cloud_config_from_details,
     device_info,
     in_setup_assistant,
     translate,

@@ -61,7 +61,8 @@ from daemon.ios.cfgutil_output import (
     interpret,
     udid_to_ecid,
 )
-from daemon.ios.pmd3 import MdmUrlMismatchError, RestoreUnavailableError, cloud_config_from_details
+from daemon.ios.cloudconfig import cloud_config_from_details, verify_applied
+from daemon.ios.pmd3 import RestoreUnavailableError
 
 log = structlog.get_logger("benchhub.cfgutil")
 
@@ -225,16 +226,7 @@ class CfgutilBackend:
         if ecid in reply.errors:
             reply.for_device(ecid, f"setup on {udid}")
         after = await self._cloud_configuration(udid, ecid)
-        if not after.applied:
-            raise UnexpectedReplyError(
-                f"setup on {udid}: cfgutil prepare --dep succeeded but the device reports no applied"
-                " cloud configuration"
-            )
-        if plan.expected_mdm_url is not None and after.configuration_url != plan.expected_mdm_url:
-            raise MdmUrlMismatchError(
-                f"setup on {udid}: the applied cloud configuration names {after.configuration_url!r},"
-                f" expected {plan.expected_mdm_url!r} (it stays on the device until the next erase)"
-            )
+        verify_applied(after, plan, f"setup on {udid}", "cfgutil prepare --dep succeeded")
         progress(100, f"managed by {after.organization or '?'} ({after.configuration_url})")
         log.info("cloud_configuration_applied", udid=udid, ecid=ecid, url=after.configuration_url)
 

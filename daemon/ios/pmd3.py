@@ -98,6 +98,7 @@ from daemon.ios.base import (
     UnexpectedReplyError,
     UpdateTarget,
 )
+from daemon.ios.cloudconfig import cloud_config_from_details, verify_applied
 from daemon.ios.restore import Restorer, RestoreRequest
 from daemon.usb.apple import AppleUsbError, format_ecid
 
@@ -207,14 +208,6 @@ class McInstallRejectedError(DeviceError):
     code = "mcinstall_rejected"
 
 
-class MdmUrlMismatchError(UnexpectedReplyError):
-    """The applied cloud configuration names another MDM server than the plan expects. It is on the
-    device now (until the next erase), so a person has to decide."""
-
-    code = "mdm_url_mismatch"
-    retryable = False
-
-
 @dataclass(frozen=True, slots=True)
 class SupervisionIdentity:
     """The supervising host's certificate and private key (PEM files; may be the same file)."""
@@ -302,42 +295,6 @@ def device_info(values: Mapping[str, Any], buddy: Mapping[str, Any] | None) -> D
         device_class=fields["DeviceClass"],
         activation_state=fields["ActivationState"],
         in_setup_assistant=in_setup_assistant(fields["ActivationState"], buddy),
-    )
-
-
-def cloud_config_from_details(details: object) -> CloudConfig:
-    """`CloudConfig` from MCInstall's `CloudConfiguration` (None: the device has none).
-
-    `applied` means the device holds an applied ADE/cloud configuration: `ConfigurationWasApplied`, or
-    a configuration naming an MDM server (`ConfigurationURL` / `ConfigurationWebURL`), which is what
-    `DownloadAndApplyCloudConfiguration` stores. [INFERRED: the exact keys a real device keeps after
-    `DownloadAndApplyCloudConfiguration` are not verified.]
-    """
-    if details is None:
-        return CloudConfig(applied=False)
-    if not isinstance(details, Mapping):
-        raise UnexpectedReplyError(f"MCInstall CloudConfiguration is not a dictionary: {details!r}")
-    url = details.get("ConfigurationURL")
-    web_url = details.get("ConfigurationWebURL")
-    organization = details.get("OrganizationName")
-    unremovable = details.get("IsMDMUnremovable", False)
-    was_applied = details.get("ConfigurationWasApplied", False)
-    for key, value, kind in (
-        ("ConfigurationURL", url, str),
-        ("ConfigurationWebURL", web_url, str),
-        ("OrganizationName", organization, str),
-        ("IsMDMUnremovable", unremovable, bool),
-        ("ConfigurationWasApplied", was_applied, bool),
-    ):
-        if value is not None and not isinstance(value, kind):
-            raise UnexpectedReplyError(
-                f"MCInstall CloudConfiguration {key} is not a {kind.__name__}: {value!r}"
-            )
-    return CloudConfig(
-        applied=bool(was_applied) or url is not None or web_url is not None,
-        configuration_url=url if isinstance(url, str) else web_url if isinstance(web_url, str) else None,
-        organization=organization if isinstance(organization, str) else None,
-        is_mdm_unremovable=bool(unremovable),
     )
 
 
@@ -499,16 +456,9 @@ class Pymobiledevice3Backend:
                 after = cloud_config_from_details(
                     await _reply("GetCloudConfiguration", mc.get_cloud_configuration())
                 )
-        if not after.applied:
-            raise UnexpectedReplyError(
-                f"setup on {udid}: the device acknowledged DownloadAndApplyCloudConfiguration but"
-                " reports no applied cloud configuration"
-            )
-        if plan.expected_mdm_url is not None and after.configuration_url != plan.expected_mdm_url:
-            raise MdmUrlMismatchError(
-                f"setup on {udid}: the applied cloud configuration names {after.configuration_url!r},"
-                f" expected {plan.expected_mdm_url!r} (it stays on the device until the next erase)"
-            )
+        verify_applied(
+            after, plan, f"setup on {udid}", "the device acknowledged DownloadAndApplyCloudConfiguration"
+        )
         progress(100, f"managed by {after.organization or '?'} ({after.configuration_url})")
         log.info("cloud_configuration_applied", udid=udid, url=after.configuration_url)
 
