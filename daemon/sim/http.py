@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,18 +77,33 @@ class HttpServer:
     def __init__(self, handler: Handler) -> None:
         self._handler = handler
         self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self.requests: list[tuple[str, str]] = []
 
+    def bind(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Take the port now, serve it once started: clients made before the event loop runs (a
+        station's collaborators are built in its constructor) then know the URL."""
+        if self._sock is None:
+            self._sock = socket.create_server((host, port))
+        return self.url
+
     @property
     def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the server is not started")
-        host, port = self._server.sockets[0].getsockname()[:2]
+        if self._server is not None:
+            sock = self._server.sockets[0]
+        elif self._sock is not None:
+            sock = self._sock
+        else:
+            raise RuntimeError("the server is neither bound nor started")
+        host, port = sock.getsockname()[:2]
         return f"http://{host}:{port}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._server = await asyncio.start_server(self._serve, host, port)
+        if self._sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=self._sock)
+        else:
+            self._server = await asyncio.start_server(self._serve, host, port)
         return self.url
 
     async def close(self) -> None:
@@ -100,6 +116,9 @@ class HttpServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     async def __aenter__(self) -> HttpServer:
         await self.start()
