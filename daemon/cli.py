@@ -20,14 +20,14 @@ from typing import TextIO
 from daemon import __version__
 from daemon.board import elapsed, live, render, summary
 from daemon.config import CambrionixHubConfig, Config, ConfigError, HubConfig, load_config
-from daemon.doctor import check_hubs
+from daemon.doctor import check_apple, check_hubs
 from daemon.doctor import render as render_doctor
 from daemon.hubsetup import port_count
 from daemon.logs import configure_logging
-from daemon.models import PortState
+from daemon.models import PortState, iso
 from daemon.mqtt.broker import BrokerUnavailable
 from daemon.mqtt.payloads import state_document
-from daemon.report import DeviceOutcome, outcomes, render_outcomes
+from daemon.report import DeviceOutcome, awaiting_assignment, outcomes, render_outcomes, waiting_document
 from daemon.sim.demo import DemoOptions, demo_config, technician
 from daemon.station import Station, build_sim_world
 from daemon.store import Store, StoreError
@@ -87,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", "-c", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="one JSON document per port")
 
+    report = sub.add_parser("report", help="reports from the station's database")
+    report.add_argument("--config", "-c", type=Path, required=True)
+    report.add_argument(
+        "--waiting",
+        action="store_true",
+        help="the serials waiting for MDM assignment in Apple Business Manager, one per line",
+    )
+    report.add_argument("--json", action="store_true", help="a JSON document instead of text")
+
     ports = sub.add_parser("ports", help="the station's port map: which USB path each hub port has")
     ports_sub = ports.add_subparsers(dest="ports_command", required=True)
     learn = ports_sub.add_parser(
@@ -102,7 +111,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "demo": _demo, "doctor": _doctor, "status": _status, "ports": _ports}
+    commands = {
+        "run": _run,
+        "demo": _demo,
+        "doctor": _doctor,
+        "status": _status,
+        "report": _report,
+        "ports": _ports,
+    }
     try:
         return commands[args.command](args)
     except ConfigError as exc:
@@ -138,18 +154,46 @@ def _doctor(args: argparse.Namespace) -> int:
     configure_logging("warning", "console")
     world = build_sim_world(config) if config is not None and config.sim is not None else None
     checks, found = asyncio.run(check_hubs(config, world))
-    print(render_doctor(checks, found))
-    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
+    apple = asyncio.run(check_apple(config))
+    print("\n".join([render_doctor(checks, found), *apple.lines]))
+    return EXIT_OK if all(c.ok for c in checks) and apple.ok else EXIT_FAILED
 
 
-def _status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+def _open_store(config_path: Path) -> Store | None:
+    config = load_config(config_path)
     if not config.storage.path.exists():
         print(
             f"benchhub: no database at {config.storage.path} yet (the station has not run)", file=sys.stderr
         )
+        return None
+    return Store(config.storage.path)
+
+
+def _report(args: argparse.Namespace) -> int:
+    store = _open_store(args.config)
+    if store is None:
         return EXIT_FAILED
-    store = Store(config.storage.path)
+    try:
+        states = store.ports()
+        if not args.waiting:
+            rows = outcomes(store, states)
+            print(json.dumps([r.as_dict() for r in rows]) if args.json else render_outcomes(rows))
+            return EXIT_OK
+    finally:
+        store.close()
+    waiting = awaiting_assignment(states)
+    if args.json:
+        print(json.dumps(waiting_document(waiting)))
+    else:
+        for row in waiting:
+            print(f"{row.serial}\t{row.ref}\twaiting since {iso(row.since)}")
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = _open_store(args.config)
+    if store is None:
+        return EXIT_FAILED
     try:
         states = store.ports()
     finally:

@@ -71,7 +71,8 @@ def default_policies() -> dict[str, StepPolicy]:
         "detect": StepPolicy(timeout=60, retries=3, backoff=2),
         "update": StepPolicy(timeout=3600, retries=1, backoff=30, concurrency=10),
         "erase": StepPolicy(timeout=900, retries=2, backoff=10),
-        "enroll": StepPolicy(timeout=300, retries=2, backoff=10),
+        # enroll waits for a person with Apple Configurator (or another way in); assign for the portal.
+        "enroll": StepPolicy(timeout=3600, retries=0, backoff=0),
         "assign": StepPolicy(timeout=86400, retries=0, backoff=0),
         "setup": StepPolicy(timeout=1800, retries=2, backoff=10),
     }
@@ -82,8 +83,17 @@ class WorkflowConfig(_Model):
     steps: tuple[StepName, ...] = STEP_NAMES
     policy: dict[str, StepPolicy] = Field(default_factory=default_policies)
     assignment_poll_interval: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds between two rounds of questions to Apple about every waiting serial (one round answers
+    all of them; see `daemon.apple.tracker`)."""
+    enrollment: Literal["configurator", "external", "skip"] = "external"
+    """How devices get into Apple Business Manager: `configurator` asks the technician to add each
+    one with Apple Configurator on a Mac (port light and instructions) and watches it arrive;
+    `external` only watches (devices added some other way); `skip` expects them there already.
+    Every mode verifies through the Apple Business API; none can add a device by itself, because
+    Apple offers no host API for it."""
     mdm_server: str = ""
-    """Name of the MDM server devices must end up assigned to (as shown in Apple Business Manager)."""
+    """Name (or id) of the MDM server devices must end up assigned to, as shown in Apple Business
+    Manager."""
     mdm_url: str = ""
     """The enrollment URL the devices' cloud configuration must name after setup (its
     `ConfigurationURL`); a device set up for another MDM goes to needs_attention. Empty: not checked."""
@@ -137,6 +147,9 @@ class _HubBase(_Model):
     poll_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
     leds: dict[Phase, LedPattern] = Field(default_factory=dict)
     """Hub LEDs as status lights (where the hub has them): phase -> pattern, e.g. done = "solid"."""
+    hands_led: LedPattern | None = None
+    """The pattern of a port waiting for a technician (add the device with Apple Configurator),
+    shown over its phase's until the request is answered; e.g. "flash"."""
 
 
 class SimHubConfig(_HubBase):
@@ -271,8 +284,70 @@ class DevicesConfig(_Model):
     """The cfgutil executable (Apple Configurator > Install Automation Tools puts it on the PATH)."""
 
 
-NEEDS_APPLE_SERVICES: tuple[StepName, ...] = ("enroll", "assign")
-"""Steps that need Apple Business Manager access, which only the simulated bench provides so far."""
+SIM_MDM_SERVER = "benchhub MDM"
+"""The MDM server of the simulated organisation, unless the config names one."""
+
+
+class AppleConfig(_Model):
+    """Access to Apple Business Manager (or School Manager): the Apple Business API account an
+    administrator creates under Preferences > API, and/or an MDM server's legacy DEP token.
+
+    Ids are not secrets and live here; the private key and the DEP token are read from files or
+    systemd credentials (`credential:NAME`), never from this file, never logged or published."""
+
+    client_id: str = ""
+    """The API account's client id, `BUSINESSAPI.<uuid>` (or `SCHOOLAPI.<uuid>`)."""
+    key_id: str = ""
+    """The key id Apple Business Manager shows for the uploaded key."""
+    private_key_file: Path | None = None
+    """The account's EC P-256 private key (PEM), or `credential:NAME`."""
+    api_url: str = ""
+    """Default: `https://api-business.apple.com` (`https://api-school.apple.com` for SCHOOLAPI ids)."""
+    token_url: str = "https://account.apple.com/auth/oauth2/token"  # noqa: S105 - a URL, not a secret
+    auto_assign: str = ""
+    """Name (or id) of an MDM server the daemon assigns devices to itself, through the API, instead
+    of waiting for someone to do it in the portal. Also the assignment target when
+    `workflow.mdm_server` is empty."""
+    dep_token_file: Path | None = None
+    """An MDM server's decrypted DEP server token (JSON), or `credential:NAME`: a second way to see
+    assignment, for organisations without an API account (it sees only that server's devices)."""
+    dep_url: str = "https://mdmenrollment.apple.com"
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if value and not re.match(r"^(BUSINESSAPI|SCHOOLAPI)\.[0-9A-Za-z-]+$", value):
+            raise ValueError(
+                "must look like BUSINESSAPI.<uuid> or SCHOOLAPI.<uuid> (Apple Business Manager > API)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> AppleConfig:
+        if self.client_id and not self.key_id:
+            raise ValueError("apple.key_id: the API account's key id is required with client_id")
+        if self.client_id and self.private_key_file is None:
+            raise ValueError(
+                "apple.private_key_file: the API account's private key is required with client_id"
+            )
+        if (self.key_id or self.private_key_file is not None) and not self.client_id:
+            raise ValueError("apple.client_id: is required with key_id and private_key_file")
+        return self
+
+    @property
+    def has_api(self) -> bool:
+        return bool(self.client_id)
+
+    @property
+    def has_dep(self) -> bool:
+        return self.dep_token_file is not None
+
+    @property
+    def resolved_api_url(self) -> str:
+        if self.api_url:
+            return self.api_url
+        school = self.client_id.startswith("SCHOOLAPI.")
+        return "https://api-school.apple.com" if school else "https://api-business.apple.com"
 
 
 class SimConfig(_Model):
@@ -288,6 +363,9 @@ class SimConfig(_Model):
     the same devices in the same condition, as it would on a real bench."""
     assign_delay: Annotated[float, Field(ge=0)] = 120.0
     """Seconds (at speed 1) before the simulated administrator assigns a new serial in the portal."""
+    configurator_delay: Annotated[float, Field(ge=0)] = 45.0
+    """Seconds (at speed 1) the simulated technician takes to add a device with Apple Configurator
+    once the station asks (`workflow.enrollment = "configurator"`)."""
     fail_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Chance that any one simulated operation fails with a transient error."""
 
@@ -301,6 +379,7 @@ class Config(_Model):
     firmware: FirmwareConfig = FirmwareConfig()
     devices: DevicesConfig = DevicesConfig()
     logging: LoggingConfig = LoggingConfig()
+    apple: AppleConfig = AppleConfig()
     sim: SimConfig | None = None
 
     @model_validator(mode="after")
@@ -313,18 +392,49 @@ class Config(_Model):
         simulated = any(h.kind == "sim" or (h.kind == "cambrionix" and h.simulate) for h in self.hubs)
         if simulated and self.sim is None:
             raise ValueError("simulated hubs need a [sim] table (speed, devices, ...)")
+        self._assignment_target()
         if self.sim is None:
             self._real_bench_ready()
         return self
 
+    def _assignment_target(self) -> None:
+        mdm, auto = self.workflow.mdm_server, self.apple.auto_assign
+        if mdm and auto and mdm != auto:
+            raise ValueError(
+                f"apple.auto_assign: names {auto!r} but workflow.mdm_server names {mdm!r}; devices can be"
+                " assigned to one server only (leave workflow.mdm_server empty to use auto_assign)"
+            )
+        if "assign" in self.workflow.steps and self.sim is None and self.apple.has_api and not (mdm or auto):
+            raise ValueError(
+                "workflow.mdm_server: name the MDM server devices must be assigned to (as shown in"
+                " Apple Business Manager)"
+            )
+
+    @property
+    def assignment_target(self) -> str:
+        """The MDM server devices must end up on (the simulated organisation has one by default)."""
+        default = SIM_MDM_SERVER if self.sim is not None else ""
+        return self.workflow.mdm_server or self.apple.auto_assign or default
+
     def _real_bench_ready(self) -> None:
         """What a bench of real devices needs that a simulated one provides by itself."""
-        apple = [s for s in self.workflow.steps if s in NEEDS_APPLE_SERVICES]
-        if apple:
+        steps, apple = self.workflow.steps, self.apple
+        if apple.auto_assign and not apple.has_api:
             raise ValueError(
-                f"workflow.steps: {' and '.join(apple)} need Apple Business Manager access, not available"
-                ' on a real bench yet; use steps = ["update", "erase", "setup"] for devices already in'
-                " Apple Business Manager"
+                "apple.auto_assign: assigning devices needs the Apple Business API; set apple.client_id,"
+                " key_id and private_key_file, or remove auto_assign"
+            )
+        if "enroll" in steps and not apple.has_api:
+            raise ValueError(
+                "apple.client_id: the enroll step watches devices arrive in Apple Business Manager"
+                " through the Apple Business API; configure an API account (see docs/apple.md) or"
+                ' leave "enroll" out of workflow.steps'
+            )
+        if "assign" in steps and not (apple.has_api or apple.has_dep):
+            raise ValueError(
+                "apple.client_id: the assign step needs the Apple Business API (or apple.dep_token_file)"
+                " to see assignments; configure one (see docs/apple.md) or leave"
+                ' "assign" out of workflow.steps'
             )
         if "update" in self.workflow.steps and self.devices.backend == "cfgutil":
             raise ValueError(
@@ -382,8 +492,8 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*loc, "kind")  # the error is about the hub's `kind` key, which pydantic leaves out
         where, what = _where(tuple(loc)), _describe(err)
-        if not loc and _NAMES_ITS_KEY.match(what):
-            lines.append(what)  # a whole-file check that names the key itself
+        if _NAMES_ITS_KEY.match(what) and (not loc or what.startswith(f"{where}.")):
+            lines.append(what)  # a check of a whole table that names the key itself
         else:
             lines.append(f"{where}: {what}")
     return lines
@@ -402,6 +512,12 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     updates["devices"] = cfg.devices.model_copy(update={"pair_records": pair_records})
     if cfg.sim is not None:
         updates["sim"] = cfg.sim.model_copy(update={"state_file": rel(cfg.sim.state_file)})
+    apple = cfg.apple
+    for key in ("private_key_file", "dep_token_file"):
+        value = getattr(apple, key)
+        if value is not None and not str(value).startswith("credential:"):
+            apple = apple.model_copy(update={key: rel(value)})
+    updates["apple"] = apple
     mqtt = cfg.mqtt
     if mqtt.password_file is not None and not str(mqtt.password_file).startswith("credential:"):
         mqtt = mqtt.model_copy(update={"password_file": rel(mqtt.password_file)})

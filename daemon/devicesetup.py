@@ -13,13 +13,14 @@ Either way the station reads devices through the same `DeviceWatcher`; only its 
 
 from __future__ import annotations
 
-from daemon.apple.base import AppleServiceError
+from daemon.apple.tracker import OrgTracker
 from daemon.config import Config
 from daemon.ios.base import (
     CloudConfig,
     DeviceBackend,
     DeviceInfo,
     ProgressFn,
+    ServiceUnavailableError,
     SetupPlan,
     UpdateTarget,
 )
@@ -28,38 +29,14 @@ from daemon.ios.firmware import IpswCache
 from daemon.ios.pmd3 import Pymobiledevice3Backend
 from daemon.ios.restore import ProcessRestorer
 from daemon.sim.backend import SimDeviceBackend, SimFirmware
-from daemon.sim.portal import SimAssignmentSource, SimEnroller
 from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld
+from daemon.technician import Technician
 from daemon.usb.hotplug import open_hotplug
 from daemon.usb.sysfs import UsbSysfs
 from daemon.usb.usbmux import UsbmuxClient
 from daemon.usb.watcher import DeviceWatcher
 from daemon.workflow.steps.base import Services
-
-
-class AppleServicesNotConfigured(AppleServiceError):
-    code = "apple_not_configured"
-    retryable = False
-
-
-class NoAppleServices:
-    """`Enroller` and `AssignmentSource` of a bench without Apple Business Manager access. Config
-    validation keeps `enroll` and `assign` out of such a bench's steps; this only makes a slip loud."""
-
-    name = "none"
-
-    async def is_enrolled(self, device: DeviceInfo) -> bool | None:
-        return None
-
-    async def enroll(self, device: DeviceInfo, progress: ProgressFn) -> None:
-        raise AppleServicesNotConfigured("no Apple Business Manager access is configured")
-
-    async def assigned_server(self, serial: str) -> str | None:
-        raise AppleServicesNotConfigured("no Apple Business Manager access is configured")
-
-    async def assign(self, serial: str, server: str) -> bool:
-        return False
 
 
 class NoFirmware:
@@ -95,36 +72,41 @@ class SimBackend:
     async def update(self, udid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn) -> None:
         await self.sim.update(udid, target, erase=erase, progress=progress)
 
+    async def restore_from_recovery(
+        self, ecid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn
+    ) -> None:
+        await self.sim.restore_from_recovery(ecid, target, erase=erase, progress=progress)
+
     async def erase(self, udid: str) -> None:
         await self.pmd3.erase(udid)
 
     async def cloud_configuration(self, udid: str) -> CloudConfig | None:
+        found = self.world.device_by_udid(udid)
+        if found is not None and self.world.take_fault("setup-check", found[1]) is not None:
+            # A check that cannot tell (tests of `needs_attention` for unverifiable steps).
+            raise ServiceUnavailableError("simulated: MCInstall did not answer")
         return await self.pmd3.cloud_configuration(udid)
 
     async def setup(self, udid: str, plan: SetupPlan, progress: ProgressFn) -> None:
         await self.pmd3.setup(udid, plan, progress)
 
 
-def sim_services(world: SimWorld, bus: SimUsbBus | None = None) -> Services:
+def sim_services(
+    world: SimWorld, bus: SimUsbBus | None, apple: OrgTracker | None, technician: Technician
+) -> Services:
     """The simulated bench's services; with its USB host (`bus`), device operations go through
     pymobiledevice3 (`SimBackend`), without one they are all world-level (`SimDeviceBackend`)."""
     backend: DeviceBackend = SimBackend(world, bus) if bus is not None else SimDeviceBackend(world)
-    return Services(
-        backend=backend,
-        firmware=SimFirmware(),
-        enroller=SimEnroller(world),
-        assignment=SimAssignmentSource(world),
-    )
+    return Services(backend=backend, firmware=SimFirmware(), apple=apple, technician=technician)
 
 
-def real_services(config: Config) -> Services:
+def real_services(config: Config, apple: OrgTracker | None, technician: Technician) -> Services:
     ipsw_dir = config.firmware.ipsw_dir
-    apple = NoAppleServices()
     return Services(
         backend=real_backend(config),
         firmware=IpswCache(ipsw_dir) if ipsw_dir is not None else NoFirmware(),
-        enroller=apple,
-        assignment=apple,
+        apple=apple,
+        technician=technician,
     )
 
 

@@ -1,9 +1,11 @@
 """`benchhub doctor`: what the station can reach, explained, with a fix for what it cannot.
 
-Today it checks the hubs: every configured hub is opened with its real driver (simulated ones on
-their simulators) and reported with model, firmware, serial, ports and capabilities; Cambrionix
-control ports that are plugged in but not configured are found by USB id and probed. More checks
-(usbmuxd, broker, Apple credentials, disk) join as those parts land.
+It checks the hubs: every configured hub is opened with its real driver (simulated ones on their
+simulators) and reported with model, firmware, serial, ports and capabilities; Cambrionix control
+ports that are plugged in but not configured are found by USB id and probed. It checks Apple
+access the way the daemon will use it: a token fetched with the configured key, the MDM servers
+listed and the assignment target found (or a DEP session opened). More checks (usbmuxd, broker,
+disk) join as those parts land.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from daemon.config import CambrionixHubConfig, Config, HubConfig, UsbHubConfig
+from daemon.apple.abm_client import AbmClient
+from daemon.apple.base import AppleServiceError
+from daemon.applesetup import real_apple
+from daemon.config import CambrionixHubConfig, Config, ConfigError, HubConfig, UsbHubConfig
 from daemon.hubsetup import HubFactory
 from daemon.sim.world import SimWorld
 from daemon.usb.hotplug import open_hotplug
@@ -117,3 +122,65 @@ def render(checks: list[HubCheck], found: list[DiscoveredHub]) -> str:
     if not checks and not found:
         lines.append("no hubs configured and no Cambrionix control ports found")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class AppleCheck:
+    lines: list[str]
+    ok: bool
+
+
+async def check_apple(config: Config | None) -> AppleCheck:
+    """Use the Apple credentials once, as the daemon will: a wrong key id or a key from another
+    account shows here as `invalid_client`, not an hour into a run."""
+    if config is None or config.sim is not None:
+        return AppleCheck([], True)
+    if not (config.apple.has_api or config.apple.has_dep):
+        return AppleCheck(["info  Apple: no [apple] access configured (enroll and assign unavailable)"], True)
+    try:
+        access = real_apple(config)
+    except ConfigError as exc:
+        return AppleCheck([f"FAIL  Apple: {line}" for line in exc.lines], False)
+    try:
+        if access.abm is not None:
+            return await _check_api(config, access.abm)
+        assert access.dep is not None
+        await access.dep.session()
+        return AppleCheck(["ok    Apple DEP token: session opened with mdmenrollment.apple.com"], True)
+    except AppleServiceError as exc:
+        return AppleCheck(
+            [f"FAIL  Apple: {exc.message}", f"      fix: {_apple_fix(exc)}"],
+            False,
+        )
+    finally:
+        for client in (access.abm, access.dep):
+            if client is not None:
+                await client.close()
+
+
+async def _check_api(config: Config, abm: AbmClient) -> AppleCheck:
+    servers = await abm.mdm_servers()
+    names = [s.name for s in servers if s.server_type == "MDM"]
+    lines = [
+        f"ok    Apple Business API: token fetched for {config.apple.client_id[:20]}…;"
+        f" MDM servers: {', '.join(repr(n) for n in names) or 'none'}"
+    ]
+    target = config.assignment_target
+    if not target:
+        return AppleCheck(lines, True)
+    found = next((s for s in servers if target in (s.name, s.id)), None)
+    if found is None or found.server_type != "MDM":
+        lines.append(f"FAIL  Apple: no MDM server named {target!r}")
+        lines.append("      fix: set workflow.mdm_server (or apple.auto_assign) to one of the names above")
+        return AppleCheck(lines, False)
+    lines.append(f"ok    Apple: devices will be assigned to {found.name!r} ({found.id})")
+    return AppleCheck(lines, True)
+
+
+def _apple_fix(exc: AppleServiceError) -> str:
+    if exc.retryable:
+        return "check the network path to Apple (proxy, firewall: api-business.apple.com, account.apple.com)"
+    return (
+        "check apple.client_id, apple.key_id and apple.private_key_file against Apple Business Manager >"
+        " Preferences > API (the key id belongs to the uploaded key)"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState
+from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, iso
 from daemon.store import Store
 from daemon.workflow.phases import Phase
 
@@ -24,6 +24,18 @@ class DeviceOutcome:
     @property
     def seconds(self) -> float:
         return (self.finished - self.started).total_seconds() if self.started else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "port": str(self.ref),
+            "device": self.device.as_dict(),
+            "ios_before": self.ios_before,
+            "outcome": self.phase.value,
+            "error": self.error.as_dict() if self.error else None,
+            "started": iso(self.started) if self.started else None,
+            "finished": iso(self.finished),
+            "retries": self.retries,
+        }
 
 
 def outcomes(store: Store, states: list[PortState]) -> list[DeviceOutcome]:
@@ -63,3 +75,39 @@ def render_outcomes(rows: list[DeviceOutcome]) -> str:
             f"{r.retries:>7} {r.seconds:>6.1f}s  {note}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingSerial:
+    """A device waiting to be assigned to the MDM server in Apple Business Manager."""
+
+    serial: str
+    ref: PortRef
+    since: datetime
+
+    def as_dict(self) -> dict[str, str]:
+        return {"serial": self.serial, "port": str(self.ref), "since": iso(self.since)}
+
+
+def _waits_for_assignment(state: PortState) -> bool:
+    """Awaiting it now, or when the daemon stopped (the device still waits; the portal does not
+    care whether the daemon runs)."""
+    if state.phase is Phase.AWAITING_ASSIGNMENT:
+        return True
+    return state.phase is Phase.INTERRUPTED and state.step == "assign"
+
+
+def awaiting_assignment(states: list[PortState]) -> list[WaitingSerial]:
+    """Serials waiting for assignment, longest-waiting first: the list an administrator pastes into
+    the portal's device search (Apple Business Manager has no bulk assign by file for them)."""
+    rows = [
+        WaitingSerial(s.device.serial, s.ref, s.since)
+        for s in states
+        if _waits_for_assignment(s) and s.device is not None and s.device.serial
+    ]
+    return sorted(rows, key=lambda r: (r.since, r.ref))
+
+
+def waiting_document(rows: list[WaitingSerial]) -> dict[str, object]:
+    """The retained MQTT document (`<station>/apple/awaiting_assignment`) and `report --json`."""
+    return {"count": len(rows), "serials": [r.as_dict() for r in rows]}

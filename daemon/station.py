@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from daemon.applesetup import real_apple, sim_apple
 from daemon.backoff import backoff_delay
 from daemon.config import CambrionixHubConfig, Config, ConfigError, read_secret
 from daemon.devicesetup import real_services, real_watcher, sim_services
@@ -31,6 +32,7 @@ from daemon.sim.demo import plug_initial
 from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld, build_world
 from daemon.store import Store
+from daemon.technician import HandsRequest, TechnicianDesk
 from daemon.usb.portmap import load_port_map_if_present
 from daemon.usb.topology import Topology
 from daemon.usb.watcher import DeviceWatcher
@@ -61,7 +63,7 @@ def build_sim_world(config: Config) -> SimWorld:
         seed=sim.seed,
         assign_delay=sim.assign_delay,
         fail_rate=sim.fail_rate,
-        target_server=config.workflow.mdm_server or "benchhub MDM",
+        target_server=config.assignment_target,
         state_file=sim.state_file,
     )
 
@@ -92,7 +94,14 @@ class Station:
         )
         """The simulated USB host (sysfs, udev, usbmuxd), served while the station runs; made here
         because the device backend talks to its usbmuxd socket."""
-        self.services = sim_services(world, self.bus) if world is not None else real_services(config)
+        self.desk = TechnicianDesk(self._on_hands)
+        """Open requests for a person (add this device with Apple Configurator)."""
+        self.apple = sim_apple(config, world, self.desk) if world is not None else real_apple(config)
+        self.services = (
+            sim_services(world, self.bus, self.apple.tracker, self.desk)
+            if world is not None
+            else real_services(config, self.apple.tracker, self.desk)
+        )
         limits = Limits(config.workflow)
         self.supervisors = {
             hub.id: HubSupervisor(
@@ -125,6 +134,9 @@ class Station:
         self.store.subscribe(self._changes.set)
         self._final: list[PortState] | None = None
         self._leds = {hub.id: hub.leds for hub in config.hubs}
+        self._hands_led = {hub.id: hub.hands_led for hub in config.hubs}
+        self._awaiting: set[PortRef] = set()
+        """Ports awaiting assignment, so the retained list is republished when it changes."""
         # Device events held until the hub has told us its port map (see `_route`).
         self._held: dict[str, list[DeviceEvent]] = {
             hub.id: []
@@ -158,8 +170,29 @@ class Station:
         self.store.set_hub_status(hub, online)
 
     def _on_phase(self, ref: PortRef, phase: Phase) -> None:
+        self._show_phase(ref, phase)
+        waiting = phase is Phase.AWAITING_ASSIGNMENT
+        if waiting or ref in self._awaiting:
+            if waiting:
+                self._awaiting.add(ref)
+            else:
+                self._awaiting.discard(ref)
+            self.store.publish(self.renderer.waiting_messages(self.store.ports()))
+
+    def _show_phase(self, ref: PortRef, phase: Phase) -> None:
         """Hub LEDs as status lights: remember what each port should show; `_show_leds` applies it."""
         pattern = self._leds[ref.hub].get(phase)
+        if self.desk.wanted(ref):
+            pattern = self._hands_led[ref.hub]
+        if pattern is not None:
+            self._led_wanted[ref] = pattern
+            self._led_dirty.set()
+
+    def _on_hands(self, ref: PortRef, request: HandsRequest | None) -> None:
+        """A port waiting for a technician shows its hub's `hands_led` pattern until answered."""
+        pattern = self._hands_led[ref.hub] if request is not None else None
+        if pattern is None and self._led_wanted.get(ref) is not None:
+            pattern = self._leds[ref.hub].get(self.store.port(ref).phase)
         if pattern is not None:
             self._led_wanted[ref] = pattern
             self._led_dirty.set()
@@ -285,6 +318,7 @@ class Station:
             self._broker() as endpoint,
             self.hubs.running(),
             usb_host,
+            self.apple.running(),
             asyncio.TaskGroup() as group,
         ):
             self.mqtt = endpoint

@@ -408,6 +408,12 @@ class Store:
 
     # ---------------------------------------------------------------- outbox
 
+    def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        """Queue station-level messages (not tied to a port transition) for the publisher."""
+        with self._tx():
+            self._enqueue(messages)
+        self._notify()
+
     def _enqueue(self, messages: Sequence[OutboxMessage]) -> None:
         """Queue messages. A retained message replaces any unsent one on the same topic: the broker
         would keep only the newest anyway, so an outage queues one state per port, not a stream of

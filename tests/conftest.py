@@ -36,6 +36,7 @@ def station_config(
     workflow: dict[str, Any] | None = None,
     sim: dict[str, Any] | None = None,
     hub: dict[str, Any] | None = None,
+    apple: dict[str, Any] | None = None,
 ) -> Config:
     """The demo configuration (speed-scaled timeouts), pointed at the test's Mosquitto."""
     base = demo_config(
@@ -47,6 +48,7 @@ def station_config(
     data = base.model_dump(mode="json", exclude_none=True)
     data["workflow"].update(workflow or {})
     data["sim"].update(sim or {})
+    data["apple"] = {**data.get("apple", {}), **(apple or {})}
     for hub_data in data["hubs"]:
         hub_data.update(hub or {})
     return parse_config(data, state_dir)

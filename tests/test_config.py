@@ -183,7 +183,20 @@ ports = 15
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("", "workflow.steps: enroll and assign need Apple Business Manager access"),
+        ("", "apple.client_id: the enroll step watches devices arrive in Apple Business Manager"),
+        (
+            '[workflow]\nsteps = ["erase", "assign", "setup"]\n',
+            "apple.client_id: the assign step needs the Apple Business API (or apple.dep_token_file)",
+        ),
+        (
+            '[workflow]\nsteps = ["erase", "assign", "setup"]\n[apple]\nclient_id = "BUSINESSAPI.1"\n'
+            'key_id = "k"\nprivate_key_file = "key.pem"\n',
+            "workflow.mdm_server: name the MDM server devices must be assigned to",
+        ),
+        (
+            '[workflow]\nsteps = ["erase", "setup"]\nmdm_server = "A"\n[apple]\nauto_assign = "B"\n',
+            "apple.auto_assign: names 'B' but workflow.mdm_server names 'A'",
+        ),
         ('[workflow]\nsteps = ["update", "erase", "setup"]\n', "firmware.ipsw_dir: the update step needs"),
     ],
 )

@@ -18,7 +18,7 @@ from daemon.workflow.phases import RUNNING, Phase
 from tests.conftest import eventually, running, station_config
 from tests.mqtt_broker import Mosquitto
 
-UNSAFE = ("update", "enroll", "setup")  # steps declared not safe to repeat
+UNSAFE = ("update", "enroll", "setup")  # effects that must not happen twice (enroll: the technician's)
 
 
 def assert_no_unsafe_effect_twice(devices: list[SimDevice]) -> None:
@@ -76,6 +76,7 @@ poll_interval = 0.05
 [workflow]
 minimum_ios = "18.0"
 mdm_server = "benchhub MDM"
+enrollment = "configurator"
 assignment_poll_interval = 0.05
 
 [workflow.policy.update]

@@ -53,15 +53,18 @@ async def test_firmware_choice() -> None:
     assert xr.version == "18.6.2"  # 17.10 is compared as a number: 18.x satisfies it, 17.6 does not
 
 
-def test_world_persists_devices_slots_and_portal(tmp_path: Path) -> None:
+def test_world_persists_devices_slots_and_the_organisation(tmp_path: Path) -> None:
     state = tmp_path / "world.json"
     world = build_world([("hub-a", 4, None, {})], speed=1, seed=3, assign_delay=5, state_file=state)
     ref = PortRef("hub-a", 2)
     device = world.new_device()
     world.plug(ref, device)
     device.completed["erase"] += 1
+    world.apple.add_device(device.serial, via_configurator=True)
     world.save()
     again = build_world([("hub-a", 4, None, {})], speed=1, seed=3, assign_delay=5, state_file=state)
+    assert again.in_organisation(device.serial)
+    assert again.assigned_mdm_server(device.serial) is None  # parked on Configurator's server
     assert again.slots[ref].device == device.ecid
     assert again.devices[device.ecid].completed["erase"] == 1
     assert again.generated == 1

@@ -154,24 +154,41 @@ async def test_unverifiable_interrupted_unsafe_step_needs_attention(
 ) -> None:
     config = station_config(tmp_path, mosquitto, devices=1)
     world = build_sim_world(config)
-    world.inject(
-        Fault("enroll", FaultKind.UNPLUG, A1, at=0.5, replug_after=0.05),
-        # After the replug the portal cannot say whether the device was added.
-        Fault("enroll-check", FaultKind.UNKNOWN, A1, times=2),
-    )
+    world.inject(Fault("setup", FaultKind.UNPLUG, A1, at=0.5))
     async with running(config, world) as station:
+        await eventually(lambda: station.store.port(A1).phase is Phase.INTERRUPTED, what="interrupted")
+        assert station.store.port(A1).step == "setup"
+        device = next(iter(world.devices.values()))
+        # Back on the port, the device cannot say whether its cloud configuration was applied.
+        world.inject(Fault("setup-check", FaultKind.UNKNOWN, A1))
+        world.plug(A1, device)
         await eventually(
             lambda: station.store.port(A1).phase is Phase.NEEDS_ATTENTION, what="needs attention"
         )
         state = station.store.port(A1)
         assert state.error is not None
         assert state.error.code == "unknown_state"
-        assert state.step == "enroll"
-        # The operator checked the portal and retries: the step runs and the device finishes.
-        assert await station.act(A1, Action.RETRY) == "retrying enroll"
+        assert state.step == "setup"
+        # The operator looked at the device and retries: the step runs and the device finishes.
+        assert await station.act(A1, Action.RETRY) == "retrying setup"
         await eventually(lambda: all_done(station), what="done after operator retry")
+        assert device.completed["setup"] == 1
+
+
+async def test_an_interrupted_enrollment_is_asked_for_again_not_twice(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Enrolling only watches (the technician adds the device): after an unplug the step asks
+    again, unless the device already arrived in the organisation meanwhile."""
+    config = station_config(tmp_path, mosquitto, devices=1)
+    world = build_sim_world(config)
+    world.inject(Fault("enroll", FaultKind.UNPLUG, A1, at=0.5, replug_after=0.05))
+    async with running(config, world) as station:
+        await eventually(lambda: all_done(station), what="done")
         device = next(iter(world.devices.values()))
         assert device.completed["enroll"] == 1
+        assert device.started["enroll"] == 2  # Configurator's first try lost the device
+        assert world.in_organisation(device.serial)
 
 
 async def test_operator_abort_skip_and_power_cycle(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -198,7 +215,7 @@ async def test_operator_abort_skip_and_power_cycle(tmp_path: Path, mosquitto: Mo
         history_before = len(station.store.history(ref=A1))
         world = station.world
         device = next(iter(world.devices.values()))
-        world.portal[device.serial].server = "benchhub MDM"  # the admin did assign it after all
+        world.apple.portal_assign(device.serial, world.apple.server_id("benchhub MDM"))  # the admin did
         assert await station.act(A1, Action.SKIP) == "skipped assign"
         await eventually(lambda: all_done(station), what="done after skip")
         rows = station.store.history(ref=A1)[history_before:]

@@ -147,6 +147,19 @@ class DeviceBackend(Protocol):
         """Restore to `target`; returns once the device is back in normal mode on the new version."""
         ...
 
+    async def restore_from_recovery(
+        self, ecid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn
+    ) -> None:
+        """Restore the device with this ECID, now in Recovery mode, to `target`; returns once it is
+        back in normal mode on the new version. Like `update`, a failure may leave it in Recovery.
+
+        A restore that fails part-way leaves the device in Recovery: a libusb device with only its
+        ECID (iBoot's serial string), no UDID, nothing on usbmuxd. Its system is unusable, so the
+        only way forward is another restore, which has to find the device by ECID (`update` names
+        it by UDID and reads the ECID from lockdownd, which a Recovery device does not run). A
+        backend that cannot restore at all (cfgutil) refuses with a `DeviceError`."""
+        ...
+
     async def erase(self, udid: str) -> None:
         """Ask the device to erase itself; returns when the device has acknowledged (it then leaves USB
         and comes back in Setup Assistant)."""

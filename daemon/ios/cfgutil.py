@@ -192,6 +192,16 @@ class CfgutilBackend:
             " (cfgutil update/restore are not verified); use the Restorer"
         )
 
+    async def restore_from_recovery(
+        self, ecid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn
+    ) -> None:
+        """Refused like `update`: a device left in Recovery needs a restore, which this backend does
+        not do; the port goes to `needs_attention` with this message."""
+        raise RestoreUnavailableError(
+            f"restore of ECID {ecid} (in Recovery) to iOS {target.version}: the cfgutil backend does"
+            " not restore; restore the device with Apple Configurator or Finder, then retry"
+        )
+
     async def erase(self, udid: str) -> None:
         ecid = await self.ecid_of(udid)
         reply = await self._run(["erase"], operation=f"erase on {udid}", ecid=ecid)

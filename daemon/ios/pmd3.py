@@ -22,6 +22,8 @@ What each operation sends (pymobiledevice3 11.45 source; device behaviour from t
   research §0.4; see docs/restores.md). Without a restorer, or without an IPSW to restore from:
   `RestoreUnavailableError`. A failed restore raises `RestoreError`, whose `touched` says whether
   the device may have changed (the update step's `check()` then decides, never a blind re-run).
+* `restore_from_recovery`: the same, for a device a failed restore left in Recovery (no lockdownd,
+  no UDID): the caller names it by ECID and the worker finds it on USB (`--recovery`).
 
 Pairing. The pair record lives in the station's directory (`pair_records`), never in a home folder:
 it is passed to pymobiledevice3 explicitly, so that directory is authoritative; without one there,
@@ -408,6 +410,23 @@ class Pymobiledevice3Backend:
         device = await self.info(udid)
         request = RestoreRequest(
             device.ecid, target.ipsw, erase=erase, udid=udid, pair_records=self.pair_records
+        )
+        outcome = await self.restorer.restore(request, progress)
+        outcome.raise_for_error()
+
+    async def restore_from_recovery(
+        self, ecid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn
+    ) -> None:
+        """The same restore as `update`, for a device that a failed restore
+        left in Recovery. There is no lockdownd to read the ECID from, so the caller names it; the
+        worker looks for it on USB only (`RestoreRequest.recovery`)."""
+        if self.restorer is None or target.ipsw is None:
+            raise RestoreUnavailableError(
+                f"restore of ECID {ecid} (in Recovery) to iOS {target.version}:"
+                " no restorer or no IPSW file to restore from"
+            )
+        request = RestoreRequest(
+            ecid, target.ipsw, erase=erase, pair_records=self.pair_records, recovery=True
         )
         outcome = await self.restorer.restore(request, progress)
         outcome.raise_for_error()

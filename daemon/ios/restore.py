@@ -99,8 +99,8 @@ class RestoreRequest:
     """One restore. `ecid` is normalised to the daemon's spelling (16 upper-case hex digits), so
     `0x1C604A3405801E` and `001C604A3405801E` are the same device (and the same lock). `erase`
     selects Apple's "Erase Install" instead of "Upgrade Install". `udid`, where known, spares the
-    worker opening lockdown on every device whose legacy UDID carries no ECID. `timeout` overrides
-    the restorer's default."""
+    worker opening lockdown on every device whose legacy UDID carries no ECID (a device in Recovery
+    has none: `recovery`). `timeout` overrides the restorer's default."""
 
     ecid: str
     ipsw: Path
@@ -110,6 +110,10 @@ class RestoreRequest:
     pair_records: Path | None = None
     """The station's pair record directory: the worker pairs (and looks for records) there, never in
     a home folder."""
+    recovery: bool = False
+    """The device is already in Recovery (a restore that failed part-way left it there): the worker
+    looks for it on USB only, by ECID, and never opens lockdown on the bench's normal-mode devices
+    (which, without a UDID to go by, it would otherwise probe one by one)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ecid", normalize_ecid(self.ecid))
@@ -122,6 +126,8 @@ class RestoreRequest:
             args += ["--udid", self.udid]
         if self.pair_records is not None:
             args += ["--pair-records", str(self.pair_records)]
+        if self.recovery:
+            args.append("--recovery")
         return args
 
 

@@ -1,4 +1,4 @@
-"""The restore worker: `python -m daemon.ios.restore_worker --ecid ECID --ipsw PATH [--erase]`.
+"""The restore worker: `python -m daemon.ios.restore_worker --ecid ECID --ipsw PATH [--erase] [--recovery]`.
 
 One process restores one device with pymobiledevice3 (11.45) and reports as JSON lines on stdout
 (`daemon.ios.restore_protocol`); `daemon.ios.restore.ProcessRestorer` starts it, reads it and kills
@@ -12,7 +12,10 @@ The sequence (pymobiledevice3 `restore/restore.py` `Restore.update`, `restore/re
 2. check the host can restore at all: a libusb backend for pyusb (Recovery/DFU are driven over raw
    USB) and a reachable usbmuxd (restore mode is reached through it), else `usb_unavailable`;
 3. find the device by ECID: in normal mode through usbmuxd + lockdown, in Recovery/DFU on USB by its
-   iBoot serial string (one scan per second, never pyusb's busy-wait), else `no_device`;
+   iBoot serial string (one scan per second, never pyusb's busy-wait), else `no_device`; with
+   `--recovery` (a device a failed restore left in Recovery) on USB only. From Recovery,
+   pymobiledevice3's `Recovery.boot_ramdisk` skips EnterRecovery and sends the iBEC straight away;
+   from DFU it first boots iBSS into Recovery;
 4. ask Apple's signing server (TSS, gs.apple.com) for tickets: `tss_unreachable` / `tss_refused`;
 5. `touch`, then EnterRecovery (from normal mode) or iBEC/iBSS (from Recovery/DFU), the ramdisk and
    kernel: the device reboots into restore mode;
@@ -290,13 +293,22 @@ async def _normal_mode_device(ecid: int, udid: str | None, pair_records: Path | 
 
 
 async def find_device(
-    ecid: int, udid: str | None, patience: float, pair_records: Path | None = None
+    ecid: int,
+    udid: str | None,
+    patience: float,
+    pair_records: Path | None = None,
+    *,
+    usb_only: bool = False,
 ) -> tuple[Device, DeviceMode]:
     """The device with this ECID in normal, Recovery or DFU mode, looking once a second for up to
-    `patience` seconds (it may be between modes after an earlier, interrupted attempt)."""
+    `patience` seconds (it may be between modes after an earlier, interrupted attempt).
+
+    `usb_only` (`--recovery`: the daemon saw the device in Recovery, left there by a failed
+    restore) skips usbmuxd: without a UDID the normal-mode search would open lockdown on every
+    legacy device of the bench, and pair with it, only to learn that none is this one."""
     deadline = time.monotonic() + patience
     while True:
-        device = await _normal_mode_device(ecid, udid, pair_records)
+        device = None if usb_only else await _normal_mode_device(ecid, udid, pair_records)
         if device is not None:
             return device, DeviceMode.NORMAL
         mode = match_recovery_device(_usb_apple_devices(), ecid)
@@ -304,9 +316,9 @@ async def find_device(
             # It is there: IRecv's own search (a busy-wait) returns at once; 10 s if it just left.
             return Device(irecv=IRecv(ecid=ecid, timeout=10)), mode
         if time.monotonic() >= deadline:
+            modes = "Recovery or DFU" if usb_only else "normal, Recovery or DFU"
             raise WorkerFailure(
-                RestoreCode.NO_DEVICE,
-                f"no device with ECID {format_ecid(ecid)} in normal, Recovery or DFU mode",
+                RestoreCode.NO_DEVICE, f"no device with ECID {format_ecid(ecid)} in {modes} mode"
             )
         await asyncio.sleep(1.0)
 
@@ -438,7 +450,9 @@ async def run(args: argparse.Namespace, emit: Emit) -> None:
     )
     await check_host()
     emit(ProgressEvent("Looking for the device", "find_device"))
-    device, mode = await find_device(ecid, args.udid, args.find_timeout, args.pair_records)
+    device, mode = await find_device(
+        ecid, args.udid, args.find_timeout, args.pair_records, usb_only=args.recovery
+    )
     emit(ModeEvent(mode))
     behavior = Behavior.Erase if args.erase else Behavior.Update
     restore = ReportingRestore(
@@ -461,6 +475,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--udid", help="normal-mode UDID, if known (saves probing legacy devices)")
     parser.add_argument("--find-timeout", type=float, default=30.0, help="seconds to look for the device")
     parser.add_argument("--pair-records", type=Path, help="the station's pair record directory")
+    parser.add_argument(
+        "--recovery",
+        action="store_true",
+        help="the device is in Recovery (or DFU): look for it on USB only, never through usbmuxd",
+    )
     parser.add_argument("--restore-mode-timeout", type=float, default=300.0)
     parser.add_argument("--verbose", action="store_true", help="pymobiledevice3 debug logs on stderr")
     args = parser.parse_args(argv)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.models import OutboxMessage, PortState, Transition, iso
+from daemon.models import OutboxMessage, PortState, Transition, iso, utcnow
 from daemon.mqtt.topics import Topics
+from daemon.report import awaiting_assignment, waiting_document
 from daemon.workflow.phases import Phase
 
 
@@ -87,6 +88,12 @@ class PayloadRenderer:
     def hub_messages(self, hub: str, online: bool) -> list[OutboxMessage]:
         payload = b"online" if online else b"offline"
         return [OutboxMessage(self.topics.hub_status(hub), payload, retain=True)]
+
+    def waiting_messages(self, states: list[PortState]) -> list[OutboxMessage]:
+        """The retained list of serials waiting for MDM assignment, for the administrator's
+        dashboard (and anyone who pastes them into the portal)."""
+        document = {"ts": iso(utcnow()), **waiting_document(awaiting_assignment(states))}
+        return [OutboxMessage(self.topics.awaiting_assignment, _json(document), retain=True)]
 
     def snapshot(self, state: PortState) -> list[OutboxMessage]:
         """Retained messages that restore a port's state on a broker that lost it."""

@@ -270,6 +270,7 @@ class MqttPublisher:
             for m in self._renderer.hub_messages(hub, online)
         ]
         messages += [m for state in ports for m in self._renderer.snapshot(state)]
+        messages += self._renderer.waiting_messages(ports)
         for message in messages:
             await self._publish(client, message)
         log.debug("mqtt_republished", ports=len(ports))

@@ -21,6 +21,11 @@ class Topics:
         """Retained `online`/`offline`; also the last will."""
         return f"{self.base}/status"
 
+    @property
+    def awaiting_assignment(self) -> str:
+        """Retained list of serials waiting for MDM assignment in Apple Business Manager."""
+        return f"{self.base}/apple/awaiting_assignment"
+
     def hub_status(self, hub: str) -> str:
         return f"{self.base}/hub/{hub}/status"
 

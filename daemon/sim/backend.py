@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal
 
-from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
 from daemon.ios.base import (
     CloudConfig,
     DeviceError,
@@ -26,6 +25,7 @@ from daemon.sim.catalog import MODELS_BY_TYPE, RELEASES, major
 from daemon.sim.devices import SimDevice
 from daemon.sim.faults import Fault, FaultKind
 from daemon.sim.world import SimWorld
+from daemon.usb.apple import parse_ecid
 from daemon.versions import parse_version
 
 DURATIONS: Final[dict[str, float]] = {
@@ -65,10 +65,7 @@ def stored_cloud_config(device: SimDevice) -> dict[str, Any] | None:
 def ade_server(world: SimWorld, device: SimDevice) -> str | None:
     """Apple's rule for handing out a cloud configuration: only to a device the organisation has
     assigned to a real MDM server (not Apple Configurator's placeholder). None: nothing for it."""
-    server = world.admin_assigned(device.serial)
-    if server is None or server == APPLE_CONFIGURATOR_SERVER:
-        return None
-    return server
+    return world.assigned_mdm_server(device.serial)
 
 
 class SimulatedFault(DeviceError):
@@ -134,6 +131,7 @@ class SimOps:
         device.completed["erase"] += 1
         device.in_setup_assistant = True
         device.clear_cloud_config()
+        self.world.erased(device)
         self.world.save()
         self.world.vanish(device)
         if ref is None:
@@ -170,15 +168,35 @@ class SimDeviceBackend:
 
     async def update(self, udid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn) -> None:
         device, ref = self.ops.locate(udid)
+        await self._restore(device, ref, target, erase=erase, progress=progress)
+
+    async def restore_from_recovery(
+        self, ecid: str, target: UpdateTarget, *, erase: bool, progress: ProgressFn
+    ) -> None:
+        """The device is found by ECID, as a real restorer finds it on USB
+        (it has no UDID in Recovery); one that is not in a port, or not in Recovery, is not there."""
+        device = self.world.devices.get(parse_ecid(ecid))
+        ref = self.world.port_of(device.ecid) if device is not None else None
+        if device is None or ref is None or device.mode is not DeviceMode.RECOVERY:
+            raise DeviceGoneError(f"no device with ECID {ecid} in Recovery mode")
+        await self._restore(device, ref, target, erase=erase, progress=progress)
+
+    async def _restore(
+        self, device: SimDevice, ref: PortRef, target: UpdateTarget, *, erase: bool, progress: ProgressFn
+    ) -> None:
+        """A restore, from normal mode (EnterRecovery first) or from Recovery (where a failed one
+        left the device)."""
         if major(target.version) > device.model.max_major:
             raise UnexpectedReplyError(f"{device.product_type} does not support iOS {target.version}")
+        from_recovery = device.mode is DeviceMode.RECOVERY
         fault = self.world.take_fault("update", ref)
         if fault is not None and fault.kind is FaultKind.FAIL and fault.at == 0:
             # Failed before touching the device (the signing server unreachable, say): it is as it was.
             device.started["update"] += 1
             raise SimulatedFault(f"update: {fault.message}")
-        progress(0, "entering recovery mode")
-        self.world.reenumerate(device, DeviceMode.RECOVERY)
+        if not from_recovery:
+            progress(0, "entering recovery mode")
+            self.world.reenumerate(device, DeviceMode.RECOVERY)
 
         def restoring(percent: int | None, _detail: str | None) -> None:
             if device.mode is DeviceMode.RECOVERY and self.world.port_of(device.ecid) == ref:
@@ -194,6 +212,13 @@ class SimDeviceBackend:
             self.world.reenumerate(device, DeviceMode.RECOVERY)
             raise
         except BaseException:
+            if from_recovery:
+                # Cut off while restoring a device that had no working system: it has none now.
+                if self.world.port_of(device.ecid) == ref:
+                    self.world.reenumerate(device, DeviceMode.RECOVERY)
+                else:
+                    device.mode = DeviceMode.RECOVERY
+                raise
             # Cut off (cancelled, unplugged): the old system is intact until the final reboot, so the
             # device boots back into it (if it is still in its port).
             device.mode = DeviceMode.NORMAL
@@ -207,6 +232,7 @@ class SimDeviceBackend:
             device.clear_cloud_config()
             device.started["erase"] += 1
             device.completed["erase"] += 1
+            self.world.erased(device)  # and, as after any erase, it has forgotten its pairings
         device.completed["update"] += 1
         self.world.save()
         self.world.reappear(device)

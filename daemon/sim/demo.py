@@ -50,7 +50,13 @@ def _hub(index: int, options: DemoOptions) -> dict[str, Any]:
     hub: dict[str, Any] = {"id": f"hub-{chr(ord('a') + index)}", "poll_interval": 0.1}
     if options.hub_model == "sim":
         return {**hub, "kind": "sim", "ports": options.ports_per_hub}
-    return {**hub, "kind": "cambrionix", "simulate": options.hub_model, "leds": DEMO_LEDS}
+    return {
+        **hub,
+        "kind": "cambrionix",
+        "simulate": options.hub_model,
+        "leds": DEMO_LEDS,
+        "hands_led": "fast_blink",  # the technician is wanted at this port (Apple Configurator)
+    }
 
 
 def demo_config(options: DemoOptions, state_dir: Path) -> Config:
@@ -80,6 +86,7 @@ def demo_config(options: DemoOptions, state_dir: Path) -> Config:
         "workflow": {
             "minimum_ios": options.minimum_ios,
             "mdm_server": "benchhub MDM",
+            "enrollment": "configurator",
             "mdm_url": MDM_URL,
             "assignment_poll_interval": max(30.0 / speed, 0.02),
             "policy": policy,

@@ -4,7 +4,10 @@ It speaks the real worker's protocol (`daemon.ios.restore_protocol`) and walks t
 restore reports: normal mode, the signing request, `touch` before EnterRecovery, Recovery, the
 restore ramdisk, restore mode with restored's operations (verifying, sending the filesystem,
 flashing firmware, the baseband), the reboot and normal mode again, each step with percent
-progress. An erase-install adds the partition map and filesystem steps.
+progress. An erase-install adds the partition map and filesystem steps. With `--recovery` (the
+daemon restoring a device a failed restore left in Recovery) it starts in Recovery, as the real
+worker does when it finds the device there: no EnterRecovery, and `touch` comes before the iBEC and
+restore ramdisk are sent.
 
 It exists so that `ProcessRestorer` is tested against a real process (pipes, signals, process
 groups, exit codes) and so the simulated bench can exercise the same path. Misbehaviour on demand:
@@ -99,6 +102,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--udid")
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--pair-records", help="accepted like the real worker's; unused")
+    parser.add_argument("--recovery", action="store_true", help="the device starts in Recovery mode")
     parser.add_argument("--fail-at", type=float)
     parser.add_argument("--error", default=RestoreCode.RESTORE_FAILED.value, choices=sorted(WORKER_CODES))
     parser.add_argument("--hang", action="store_true", help="hang at 50 %%")
@@ -123,25 +127,37 @@ class FakeRestore:
     def __init__(self, args: argparse.Namespace, out: EventWriter) -> None:
         self.args = args
         self.out = out
-        self.stages = [s for s in STAGES if args.erase or not s.erase_only]
+        self.stages = [s for s in STAGES if (args.erase or not s.erase_only) and not self._skipped(s)]
         self.total = sum(s.seconds for s in self.stages)
         self._garbage = 0
 
+    def _skipped(self, stage: Stage) -> bool:
+        """From Recovery there is no EnterRecovery: the device is there already."""
+        return bool(self.args.recovery) and stage.operation == "enter_recovery"
+
+    def _touch(self, stage: Stage) -> str | None:
+        """What the stage announces before it changes the device; from Recovery the first change is
+        sending the iBEC, when the restore ramdisk is booted (`send_iboot`, as the real worker says)."""
+        if self.args.recovery and stage.operation == "boot_ramdisk":
+            return "send_iboot"
+        return stage.touch
+
     def run(self) -> int:
         args, out = self.args, self.out
-        out.emit(LogEvent("info", f"fake restore of ECID {args.ecid} from {args.ipsw} (erase={args.erase})"))
+        how = f"erase={args.erase}, recovery={args.recovery}"
+        out.emit(LogEvent("info", f"fake restore of ECID {args.ecid} from {args.ipsw} ({how})"))
         if args.child:
             child = subprocess.Popen(
                 [sys.executable, "-c", "import time; time.sleep(3600)"], stdin=subprocess.DEVNULL
             )
             out.emit(LogEvent("info", f"child pid {child.pid}"))
-        out.emit(ModeEvent(DeviceMode.NORMAL))
+        out.emit(ModeEvent(DeviceMode.RECOVERY if args.recovery else DeviceMode.NORMAL))
         done = 0.0
         for stage in self.stages:
-            if stage.touch is not None:
+            if (touch := self._touch(stage)) is not None:
                 if (code := self._misbehave(100 * done / self.total)) is not None:
                     return code
-                out.emit(TouchEvent(stage.touch))
+                out.emit(TouchEvent(touch))
             for tick in range(TICKS + 1):
                 overall = 100 * (done + stage.seconds * tick / TICKS) / self.total
                 if (code := self._misbehave(overall)) is not None:

@@ -152,6 +152,14 @@ class SimUsbBus:
             for m in self.usbmuxd.devices.values()
         )
 
+    def forget_pairings(self, device: SimDevice) -> None:
+        """A wiped device (erase, erase-install restore) forgets the hosts it paired with and its
+        supervisor certificates, as a real one does: the station has to pair again."""
+        state = self.usbmuxd.lockdown.get(device.udid)
+        if state is not None:
+            state.paired_hosts.clear()
+            state.supervisor_certificates.clear()
+
     @property
     def socket_path(self) -> str:
         return self.usbmuxd.socket_path
@@ -172,6 +180,7 @@ class SimUsbBus:
     async def running(self) -> AsyncIterator[SimUsbBus]:
         self.sysfs_root.mkdir(parents=True, exist_ok=True)
         self.world.host_sees = self.sees
+        self.world.on_erase.append(self.forget_pairings)
         async with self.usbmuxd, asyncio.TaskGroup() as group:
             self._group = group
             feeder = group.create_task(self._feed(), name="sim usb bus")
@@ -179,6 +188,7 @@ class SimUsbBus:
                 yield self
             finally:
                 self.world.host_sees = None
+                self.world.on_erase.remove(self.forget_pairings)
                 feeder.cancel()
                 for worker in self._workers:
                     worker.cancel()

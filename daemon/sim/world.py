@@ -12,15 +12,14 @@ import asyncio
 import json
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from daemon.apple.base import APPLE_CONFIGURATOR_SERVER
 from daemon.ios.base import DeviceEvent, DeviceGone, DeviceMode, DeviceSeen
 from daemon.models import PortRef
+from daemon.sim.apple import FakeAppleBusiness
 from daemon.sim.devices import SimDevice, make_device
 from daemon.sim.faults import Fault, FaultKind
 from daemon.usb.topology import default_usb_path
@@ -44,14 +43,6 @@ class PortSlot:
     mode: PortMode = PortMode.SYNC
 
 
-@dataclass
-class PortalRecord:
-    """A device in the simulated Apple Business Manager organisation."""
-
-    server: str
-    added_at: float  # wall-clock seconds, so the admin's delay runs across daemon restarts
-
-
 class HubWiring(Protocol):
     """A simulated hub with its own model of the ports (the Cambrionix simulator)."""
 
@@ -73,12 +64,18 @@ class SimWorld:
     state_file: Path | None = None
     devices: dict[int, SimDevice] = field(default_factory=dict)
     slots: dict[PortRef, PortSlot] = field(default_factory=dict)
-    portal: dict[str, PortalRecord] = field(default_factory=dict)
+    apple: FakeAppleBusiness = field(default_factory=FakeAppleBusiness)
+    """The simulated organisation in Apple Business Manager, served to the daemon over HTTP as
+    Apple's API (`daemon.sim.apple`); its clock is the wall clock, so the administrator's delay
+    runs across daemon restarts."""
     faults: list[Fault] = field(default_factory=list)
     wiring: dict[str, HubWiring] = field(default_factory=dict)
     generated: int = 0
     host_sees: Callable[[SimDevice], bool] | None = None
     """Whether the host (usbmuxd) shows this device in normal mode; set by the simulated USB host."""
+    on_erase: list[Callable[[SimDevice], None]] = field(default_factory=list)
+    """Called when a device is wiped (an erase, an erase-install restore): whatever else the device
+    remembers must go too, e.g. the simulated host's lockdownd pairings (`daemon.sim.usbbus`)."""
     _listeners: list[asyncio.Queue[DeviceEvent]] = field(default_factory=list)
     _rng: random.Random = field(default_factory=random.Random)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -168,7 +165,9 @@ class SimWorld:
         self.save()
         return device
 
-    def plug(self, ref: PortRef, device: SimDevice) -> None:
+    def plug(self, ref: PortRef, device: SimDevice, mode: DeviceMode = DeviceMode.NORMAL) -> None:
+        """Plug `device` into `ref`; `mode` is how it comes up (Recovery: a device a failed restore
+        left there stays there, whatever port it is moved to)."""
         slot = self.slots[ref]
         if slot.device is not None:
             raise ValueError(f"port {ref} is occupied")
@@ -177,7 +176,7 @@ class SimWorld:
             raise ValueError(f"device {device.serial} is already in port {current}")
         self.devices.setdefault(device.ecid, device)
         slot.device = device.ecid
-        device.mode = DeviceMode.NORMAL
+        device.mode = mode
         self.save()
         if (wiring := self.wiring.get(ref.hub)) is not None:
             wiring.attach(ref.port)
@@ -229,6 +228,11 @@ class SimWorld:
             while self.host_sees is not None and not self.host_sees(device):
                 self._host_change.clear()
                 await self._host_change.wait()
+
+    def erased(self, device: SimDevice) -> None:
+        """The device has wiped itself: tell whoever keeps more of its memory (`on_erase`)."""
+        for forget in self.on_erase:
+            forget(device)
 
     def vanish(self, device: SimDevice) -> None:
         ref = self.port_of(device.ecid)
@@ -293,17 +297,27 @@ class SimWorld:
         """Sleep for `seconds` of simulated time, jittered by ±20 % like real hardware."""
         await asyncio.sleep(seconds * self._rng.uniform(0.8, 1.2) / self.speed)
 
-    # -------------------------------------------------------------- portal
+    # -------------------------------------------------------------- organisation
 
-    def admin_assigned(self, serial: str) -> str | None:
-        record = self.portal.get(serial)
-        if record is None:
-            return None
-        waited = (time.time() - record.added_at) * self.speed
-        if record.server == APPLE_CONFIGURATOR_SERVER and waited >= self.assign_delay:
-            record.server = self.target_server
-            self.save()
-        return record.server
+    def prepare_org(self) -> None:
+        """The organisation the simulated bench enrolls into: the target MDM server exists, and its
+        administrator assigns a device parked on Apple Configurator's placeholder after
+        `assign_delay` simulated seconds; activities take Apple's ~10 s, simulated."""
+        try:
+            target = self.apple.server_id(self.target_server)
+        except StopIteration:
+            target = self.apple.add_mdm_server(self.target_server)
+        self.apple.admin_target = target
+        self.apple.admin_assigns_after = self.assign_delay / self.speed
+        self.apple.activity_delay = 10.0 / self.speed
+
+    def in_organisation(self, serial: str) -> bool:
+        return self.apple.has_device(serial)
+
+    def assigned_mdm_server(self, serial: str) -> str | None:
+        """The MDM server the organisation has assigned the serial to; None while it is not in the
+        organisation, unassigned, or parked on Apple Configurator's placeholder."""
+        return self.apple.mdm_server_of(serial)
 
     # --------------------------------------------------------- persistence
 
@@ -314,7 +328,7 @@ class SimWorld:
             "generated": self.generated,
             "devices": [d.to_json() for d in self.devices.values()],
             "slots": {f"{r.hub}/{r.port}": s.device for r, s in self.slots.items() if s.device is not None},
-            "portal": {k: [v.server, v.added_at] for k, v in self.portal.items()},
+            "apple": self.apple.snapshot(),
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +346,8 @@ class SimWorld:
             ref = PortRef(hub, int(port))
             if ref in self.slots:
                 self.slots[ref].device = ecid
-        self.portal = {k: PortalRecord(v[0], v[1]) for k, v in data["portal"].items()}
+        if "apple" in data:  # state files from before the organisation was kept start it empty
+            self.apple.restore(data["apple"])
         return True
 
 
@@ -361,4 +376,5 @@ def build_world(
         state_file=state_file,
     )
     world.load()
+    world.prepare_org()
     return world

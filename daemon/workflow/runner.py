@@ -14,6 +14,24 @@ same ECID (or UDID) coming back is the same device. What ends a device's stay:
   staying off USB for `workflow.reenumeration_window` seconds while no step expects it to be away
   (an erase or a restore has its own timeout), or
 * another device arriving on the port.
+
+A device in Recovery mode (a libusb device carrying only its ECID: no UDID, no lockdownd) is what a
+restore that failed part-way leaves behind. Its system is unusable, so nothing but another restore
+helps, and that restore is not a repeat of a half-done step: a device in Recovery is provably not
+running the new iOS, so the update step's check answers NEEDED. The rules:
+
+* during the update step (the recheck after a failed attempt), the device seen in Recovery with the
+  ECID this port detected is restored again, by ECID, as the step's next attempt (recorded as such,
+  within the step's retries); when the last attempt leaves it in Recovery, the port needs attention;
+* a device in Recovery arriving while nothing runs (replugged, or present when the daemon starts)
+  resumes its restore only if the store knows its ECID and its workflow stands at a step that
+  restores (`update`: interrupted, running or failed there), and the port's workflow has that step;
+* anything else in Recovery is `needs_attention`, never restored: a device with another or an
+  unknown ECID (never restore a stranger), a known device whose workflow was elsewhere, and a device
+  this station has no history of, even on a port whose workflow includes `update`: the station
+  does not know its model (so not which firmware), nor whether wiping or updating it is wanted;
+  Recovery alone is no licence to restore someone's phone. A person restores it (Finder, Apple
+  Configurator) or uses `retry`, which restores a known device from Recovery.
 """
 
 from __future__ import annotations
@@ -35,7 +53,7 @@ from daemon.store import Store
 from daemon.workflow.actions import ALLOWED_IN, Action, ActionRejected
 from daemon.workflow.limits import Limits
 from daemon.workflow.phases import RUNNING, SETTLED, Phase
-from daemon.workflow.resume import Settled, index_of, resume_point
+from daemon.workflow.resume import Resume, Settled, index_of, resume_point
 from daemon.workflow.steps import DETECT, plan
 from daemon.workflow.steps.base import Check, CheckResult, Services, Step, StepContext, StepError
 
@@ -92,6 +110,10 @@ def _classify(exc: BaseException, step: Step, timeout: float) -> _Failure:
         return _Failure(exc.code, exc.message, exc.retryable, exc.attention)
     if isinstance(exc, DeviceError | AppleServiceError):
         return _Failure(exc.code, exc.message, exc.retryable, attention=not exc.retryable)
+    if isinstance(exc, TimeoutError) and step.waits_for_people:
+        # Nobody did what the step waits for (add the device, assign it): a person must look.
+        message = f"{step.name}: {step.waiting_for} did not happen within {timeout:g} s"
+        return _Failure("timeout", message, retryable=False, attention=True)
     if isinstance(exc, TimeoutError):
         return _Failure("timeout", f"{step.name} took longer than {timeout:g} s", retryable=True)
     return _Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=False)
@@ -145,6 +167,9 @@ class PortRunner:
         self._info: DeviceInfo | None = None
         self._progress = _Progress()
         self._last_detail: str | None = None  # what the last successful step reported, for the history
+        self._recovery_reported: str | None = None
+        """ECID of the device in Recovery this port last sent to `needs_attention` (a stranger, not
+        in the store): its re-enumerations are not reported again."""
         self.log = structlog.get_logger("benchhub.port").bind(hub=ref.hub, port=ref.port)
 
     # ------------------------------------------------------------ signals in
@@ -256,14 +281,84 @@ class PortRunner:
             # A different device arrived faster than the hub noticed the old one leaving.
             await self._interrupt("replaced by another device")
         self._set_presence(seen)
+        if self._task is None and seen.mode is DeviceMode.RECOVERY and seen.ecid:
+            await self._on_recovery(seen)
+            return
         if self._task is not None or seen.mode is not DeviceMode.NORMAL or seen.udid is None:
             return
+        self._recovery_reported = None
         state = self.state
         if state.phase in SETTLED:
             if _matches(state.device, seen):
                 return  # the device already has its outcome (e.g. seen again after a restart)
             self._record(Phase.EMPTY, detail="another device was plugged in")
         self._start(seen)
+
+    async def _on_recovery(self, seen: DeviceSeen) -> None:
+        """A device in Recovery, and nothing running on the port (the rules: module docstring)."""
+        assert seen.ecid is not None
+        state = self.state
+        if state.phase in SETTLED and _matches(state.device, seen):
+            return  # its outcome stands (e.g. its restores failed): a person decides
+        if state.phase is Phase.NEEDS_ATTENTION and self._recovery_reported == seen.ecid:
+            return  # the stranger already reported, re-enumerating
+        record = self.store.device(DeviceIdentity(ecid=seen.ecid).key or "")
+        point = resume_point(record, self._plan) if record is not None else None
+        if (
+            record is not None
+            and isinstance(point, Resume)
+            and point.index < len(self._plan)
+            and self._plan[point.index].restores_from_recovery
+        ):
+            self._clear_for(seen)
+            self.log.info("resuming_from_recovery", ecid=seen.ecid, step=self._plan[point.index].name)
+            self._start(seen, recovery=record.identity)
+            return
+        if record is None:
+            reason = (
+                f"device is in Recovery mode (ECID {seen.ecid}) and this station has no history of it:"
+                " restore it (Finder, Apple Configurator), then plug it in again"
+            )
+        elif not any(step.restores_from_recovery for step in self._plan):
+            reason = (
+                f"device is in Recovery mode (ECID {seen.ecid}); restore it or plug it into a port"
+                " whose workflow includes update"
+            )
+        elif isinstance(point, Settled):
+            reason = f"device is in Recovery mode (ECID {seen.ecid}); {point.detail}"
+        else:
+            reason = (
+                f"device is in Recovery mode (ECID {seen.ecid}) but its workflow was at {record.step},"
+                " not restoring it: restore it by hand, then retry"
+            )
+        self.log.warning("device_in_recovery", ecid=seen.ecid, known=record is not None)
+        self._clear_for(seen)
+        identity = record.identity if record is not None else None
+        self._record(Phase.DETECTED, device=identity, detail=f"device in Recovery mode (ECID {seen.ecid})")
+        self._record(
+            Phase.NEEDS_ATTENTION,
+            device=identity,
+            error=ErrorInfo("recovery_mode", reason),
+            extra={"recovery_ecid": seen.ecid},
+        )
+        self._recovery_reported = seen.ecid if record is None else None
+
+    def _clear_for(self, seen: DeviceSeen) -> None:
+        """The port still names another device (its outcome, or an interrupted step): it leaves the
+        port first, so that nothing about the device in Recovery is written against it."""
+        state = self.state
+        if state.phase is not Phase.EMPTY and not _matches(state.device, seen):
+            self._record(Phase.EMPTY, detail="another device was plugged in")
+
+    def _recovery_identity(self, seen: DeviceSeen | None) -> DeviceIdentity | None:
+        """Who the device in Recovery on the port is, if it is the one this port worked on (its ECID
+        is the recorded one); None for any other presence."""
+        identity = self._identity()
+        if seen is None or seen.mode is not DeviceMode.RECOVERY or identity is None:
+            return None
+        if not identity.ecid or identity.ecid != seen.ecid:
+            return None
+        return identity
 
     async def _on_unplugged(self, reason: str = "device unplugged") -> None:
         self._set_presence(None)
@@ -320,9 +415,25 @@ class PortRunner:
             )
             return "aborted"
         seen = self._presence
+        step_name = state.step or (self._plan[0].name if self._plan else None)
+        recovery = self._recovery_identity(seen)
+        if seen is not None and recovery is not None:
+            # Its own device, in Recovery: the only thing to do with it is the restore, by ECID.
+            start = index_of(step_name, self._plan)
+            if action is not Action.RETRY or not (
+                start < len(self._plan) and self._plan[start].restores_from_recovery
+            ):
+                raise ActionRejected("the device is in Recovery mode: only retrying its restore applies")
+            await self._cancel_workflow()
+            self._start(seen, start=start, forced=True, recovery=recovery)
+            return f"retrying {step_name} from Recovery"
+        if seen is not None and seen.mode is DeviceMode.RECOVERY:
+            raise ActionRejected(
+                "the device on this port is in Recovery mode and is not the one this port worked on:"
+                " restore it by hand"
+            )
         if seen is None or seen.udid is None or seen.mode is not DeviceMode.NORMAL:
             raise ActionRejected("no device is connected to this port")
-        step_name = state.step or (self._plan[0].name if self._plan else None)
         if action is Action.RETRY:
             await self._cancel_workflow()
             self._start(seen, start=index_of(step_name, self._plan), forced=True)
@@ -342,19 +453,27 @@ class PortRunner:
         start: int | None = None,
         forced: bool = False,
         skipped_by_operator: str | None = None,
+        recovery: DeviceIdentity | None = None,
     ) -> None:
+        """Run the workflow for `seen`. `recovery`: the device is in Recovery and this is who it is
+        (its recorded identity); the workflow then starts at its restore, without a detect."""
         task = asyncio.get_running_loop().create_task(
-            self._workflow(seen, start, forced, skipped_by_operator), name=f"workflow {self.ref}"
+            self._workflow(seen, start, forced, skipped_by_operator, recovery), name=f"workflow {self.ref}"
         )
         task.add_done_callback(lambda t: self._inbox.put_nowait(_Finished(t)))
         self._task = task
 
     async def _workflow(
-        self, seen: DeviceSeen, start: int | None, forced: bool, skipped_by_operator: str | None
+        self,
+        seen: DeviceSeen,
+        start: int | None,
+        forced: bool,
+        skipped_by_operator: str | None,
+        recovery: DeviceIdentity | None,
     ) -> None:
         structlog.contextvars.bind_contextvars(hub=self.ref.hub, port=self.ref.port, udid=seen.udid)
         try:
-            await self._drive(seen, start, forced, skipped_by_operator)
+            await self._drive(seen, start, forced, skipped_by_operator, recovery)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not take the station down; the port says what happened
@@ -368,11 +487,16 @@ class PortRunner:
                     error=ErrorInfo("internal_error", f"{type(exc).__name__}: {exc}"),
                 )
 
-    def _context(self, seen: DeviceSeen, info: DeviceInfo | None) -> StepContext:
-        assert seen.udid is not None
+    def _context(
+        self, seen: DeviceSeen, info: DeviceInfo | None, recovery: DeviceIdentity | None = None
+    ) -> StepContext:
+        # In Recovery the device has no UDID; the recorded one stands in until the restore is done.
+        udid = seen.udid or (recovery.udid if recovery else None)
+        assert udid is not None or recovery is not None
         return StepContext(
             ref=self.ref,
-            udid=seen.udid,
+            udid=udid or "",
+            in_recovery=recovery,
             info=info,
             services=self.services,
             workflow=self.workflow,
@@ -383,15 +507,24 @@ class PortRunner:
         )
 
     async def _drive(
-        self, seen: DeviceSeen, start: int | None, forced: bool, skipped_by_operator: str | None
+        self,
+        seen: DeviceSeen,
+        start: int | None,
+        forced: bool,
+        skipped_by_operator: str | None,
+        recovery: DeviceIdentity | None = None,
     ) -> None:
-        ctx = self._context(seen, self._info if start is not None else None)
+        ctx = self._context(seen, self._info if start is not None else None, recovery)
         extra: dict[str, Any] = {}
         actor = "workflow"
         if skipped_by_operator is not None:
             extra["skipped_by_operator"] = skipped_by_operator
             actor = "operator"
-        if ctx.info is None:
+        interrupted: str | None = None
+        if recovery is not None:
+            if start is None:
+                start, interrupted = self._resume_in_recovery(recovery)
+        elif ctx.info is None:
             identity = DeviceIdentity(udid=seen.udid, ecid=seen.ecid)
             if not await self._execute(DETECT, ctx, identity=identity, extra=extra, actor=actor):
                 return
@@ -399,7 +532,6 @@ class PortRunner:
             # The device as found, before anything changed it: the audit trail's "before" column.
             extra = {"completed": {DETECT.name: self._last_detail}, "found": ctx.device.identity().as_dict()}
             actor = "workflow"
-        interrupted: str | None = None
         if start is None:
             key = ctx.device.identity().key
             point = resume_point(self.store.device(key) if key else None, self._plan)
@@ -415,6 +547,35 @@ class PortRunner:
             start, interrupted = point.index, point.interrupted_step
             if interrupted:
                 self.log.info("resuming", step=interrupted)
+        await self._run_plan(
+            ctx, start, forced=forced, interrupted=interrupted, extra=extra, actor=actor, recovery=recovery
+        )
+
+    def _resume_in_recovery(self, recovery: DeviceIdentity) -> tuple[int, str | None]:
+        """Where a device found in Recovery resumes (`_on_recovery` checked it is a restoring step).
+        Nothing can be read in Recovery, so there is no detect: the port shows who the device was."""
+        point = resume_point(self.store.device(recovery.key or ""), self._plan)
+        assert isinstance(point, Resume)
+        self._record(
+            Phase.DETECTED,
+            device=recovery,
+            detail=f"device in Recovery mode (ECID {recovery.ecid}): resuming its restore",
+            extra={"recovery_ecid": recovery.ecid},
+        )
+        return point.index, point.interrupted_step
+
+    async def _run_plan(
+        self,
+        ctx: StepContext,
+        start: int,
+        *,
+        forced: bool,
+        interrupted: str | None,
+        extra: dict[str, Any],
+        actor: str,
+        recovery: DeviceIdentity | None,
+    ) -> None:
+        """The plan's steps from `start`: each checked (skipped when done), run, recorded; then done."""
         for i, step in enumerate(self._plan[start:]):
             if not (forced and i == 0):
                 check = await self._check(step, ctx)
@@ -425,8 +586,10 @@ class PortRunner:
                 if check.outcome is Check.UNKNOWN and interrupted == step.name and not step.safe_to_repeat:
                     self._needs_attention_unknown(step, check, extra)
                     return
-            if not await self._execute(step, ctx, extra=extra, actor=actor):
+            if not await self._execute(step, ctx, identity=recovery, extra=extra, actor=actor):
                 return
+            if self._info is None:
+                self._info = ctx.info  # first read after a restore from Recovery
             extra, actor = {"completed": {step.name: self._last_detail}}, "workflow"
         self._record(Phase.DONE, device=ctx.device.identity(), detail="provisioned", extra=extra, actor=actor)
 
@@ -445,15 +608,28 @@ class PortRunner:
     async def _recheck(self, step: Step, ctx: StepContext, failure: _Failure) -> CheckResult:
         """`check` after a failed attempt of an unsafe step, on freshly read device state. A device
         that cannot be read gets the re-enumeration window to come back (a cut-off restore reboots
-        it); still unreadable then (left in Recovery, gone), the answer is UNKNOWN."""
+        it). Seen in Recovery instead (what a restore failing part-way leaves), with the ECID this
+        port detected: a step that restores is asked with `in_recovery` set (its check can tell: the
+        new iOS is not there); any other step cannot tell (UNKNOWN). Still unreadable after the
+        window (gone), the answer is UNKNOWN."""
         generation = self._generation
+        ctx.in_recovery = None
         try:
             await ctx.refresh()
         except (DeviceError, TimeoutError):
+            back: DeviceSeen | None = None
             with contextlib.suppress(TimeoutError):
-                ctx.udid = await asyncio.wait_for(
-                    self._wait_for_device(generation), self.workflow.reenumeration_window
+                back = await asyncio.wait_for(
+                    self._wait_for_return(generation), self.workflow.reenumeration_window
                 )
+            recovery = self._recovery_identity(back)
+            if recovery is not None:
+                if not step.restores_from_recovery:
+                    return CheckResult(Check.UNKNOWN, f"the device is in Recovery mode after {failure.code}")
+                ctx.in_recovery = recovery
+                return await self._check(step, ctx)
+            if back is not None and back.udid is not None:
+                ctx.udid = back.udid
             try:
                 await ctx.refresh()
             except (DeviceError, TimeoutError) as exc:
@@ -494,14 +670,20 @@ class PortRunner:
                 if check.outcome is Check.UNKNOWN:
                     self._needs_attention_unknown(step, check, {})
                     return False
+            detail = f"retry after {failure.code}" if failure else None
+            attempt_extra = extra if attempt == 1 else None
+            if failure is not None and ctx.in_recovery is not None:
+                # Not a blind re-run: the device sits in Recovery, the restore's effect is absent.
+                detail = f"{check.reason}: restoring again after {failure.code}"
+                attempt_extra = {"resumed_from_recovery": ctx.in_recovery.ecid}
             self._record(
                 step.phase,
                 step=step.name,
                 attempt=attempt,
-                device=ctx.info.identity() if ctx.info else identity,
+                device=ctx.info.identity() if ctx.info else (ctx.in_recovery or identity),
                 error=ErrorInfo(failure.code, failure.message) if failure else None,
-                detail=f"retry after {failure.code}" if failure else None,
-                extra=extra if attempt == 1 else None,
+                detail=detail,
+                extra=attempt_extra,
                 actor=actor if attempt == 1 else "workflow",
             )
             self._progress = _Progress()
@@ -519,12 +701,36 @@ class PortRunner:
             if not failure.retryable or attempt == attempts:
                 break
             if failure.code == "device_gone":
+                back: DeviceSeen | None = None
                 with contextlib.suppress(TimeoutError):
-                    ctx.udid = await asyncio.wait_for(
-                        self._wait_for_device(generation), self.workflow.reenumeration_window
+                    # Back in normal mode, or (a restore lost it on the way) in Recovery: no waiting
+                    # out the window for a device that is not going to boot by itself.
+                    back = await asyncio.wait_for(
+                        self._wait_for_return(generation), self.workflow.reenumeration_window
                     )
+                if back is not None and back.udid is not None:
+                    ctx.udid = back.udid
             await asyncio.sleep(policy.backoff * attempt)
         assert failure is not None
+        if failure.retryable and step.restores_from_recovery:
+            # The last attempt may have left the device in Recovery: then it has no system and no
+            # attempts left, which a replug (the bench's retry for `failed`) must not renew blindly.
+            check = await self._recheck(step, ctx, failure)
+            if check.outcome is Check.DONE:
+                self._last_detail = check.reason
+                return True
+            if ctx.in_recovery is not None:
+                self._record(
+                    Phase.NEEDS_ATTENTION,
+                    step=step.name,
+                    attempt=attempt,
+                    error=ErrorInfo(
+                        failure.code,
+                        f"{failure.message}; after {attempt} attempts the device is left in Recovery"
+                        " mode: restore it by hand, or retry",
+                    ),
+                )
+                return False
         self._record(
             Phase.NEEDS_ATTENTION if failure.attention else Phase.FAILED,
             step=step.name,
@@ -532,6 +738,23 @@ class PortRunner:
             error=ErrorInfo(failure.code, failure.message),
         )
         return False
+
+    async def _wait_for_return(self, after_generation: int) -> DeviceSeen:
+        """The device once it is back in normal mode after `after_generation`, or as soon as this
+        port's device is seen in Recovery (whenever it got there: it stays until restored)."""
+        while True:
+            seen = self._presence
+            if seen is not None and self._recovery_identity(seen) is not None:
+                return seen
+            if (
+                self._generation > after_generation
+                and seen is not None
+                and seen.mode is DeviceMode.NORMAL
+                and seen.udid is not None
+            ):
+                return seen
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _wait_for_device(self, after_generation: int) -> str:
         """The UDID once the device has re-appeared in normal mode after `after_generation`."""

@@ -18,10 +18,11 @@ from typing import ClassVar
 
 import structlog
 
-from daemon.apple.base import AssignmentSource, Enroller
+from daemon.apple.tracker import OrgTracker
 from daemon.config import WorkflowConfig
 from daemon.ios.base import DeviceBackend, DeviceInfo, FirmwareSource, ProgressFn
-from daemon.models import PortRef
+from daemon.models import DeviceIdentity, PortRef
+from daemon.technician import Technician
 from daemon.workflow.phases import Phase
 
 
@@ -49,9 +50,10 @@ class StepError(Exception):
         self.attention = attention
 
 
-def ensure_same_device(before: DeviceInfo, after: DeviceInfo) -> None:
+def ensure_same_device(before: DeviceInfo | DeviceIdentity, after: DeviceInfo) -> None:
     """After a step sent the device off USB (restore, erase), prove the one that came back is the
-    same (ECID: the identity that survives every mode); a swap needs a person."""
+    same (ECID: the identity that survives every mode); a swap needs a person. `before` may be the
+    recorded identity of a device that could not be read (in Recovery)."""
     if after.ecid != before.ecid:
         raise StepError(
             "device_replaced",
@@ -67,8 +69,10 @@ class Services:
 
     backend: DeviceBackend
     firmware: FirmwareSource
-    enroller: Enroller
-    assignment: AssignmentSource
+    apple: OrgTracker | None
+    """Apple Business Manager as seen through its APIs; None on a bench without access (config
+    validation then keeps `enroll` and `assign` out of the steps)."""
+    technician: Technician
 
 
 @dataclass
@@ -84,6 +88,10 @@ class StepContext:
     """`await wait_for_device(generation)`: the UDID once the device is back in normal mode after
     the given presence generation (it re-enumerates during erase and restore)."""
     log: structlog.stdlib.BoundLogger
+    in_recovery: DeviceIdentity | None = None
+    """Set by the runner while the device sits on the port in Recovery mode (seen by its ECID, no
+    UDID, no lockdownd): who it was when last read. Only a step that `restores_from_recovery` can
+    act on such a device; it clears this once the device is back in normal mode."""
     done_by_earlier: dict[str, str] = field(default_factory=dict)
     """Later steps whose effect an earlier step already produced, with why (an erase-install restore
     is the erase). Lost on a restart, which only costs a repeat of a step that is safe to repeat."""
@@ -94,6 +102,17 @@ class StepContext:
             raise StepError("not_detected", "the device has not been identified yet")
         return self.info
 
+    @property
+    def apple(self) -> OrgTracker:
+        if self.services.apple is None:
+            raise StepError(
+                "apple_not_configured",
+                "no Apple Business Manager access is configured (see docs/apple.md)",
+                retryable=False,
+                attention=True,
+            )
+        return self.services.apple
+
     async def refresh(self) -> DeviceInfo:
         self.info = await self.services.backend.info(self.udid)
         return self.info
@@ -103,6 +122,14 @@ class Step(abc.ABC):
     name: ClassVar[str]
     phase: ClassVar[Phase]
     safe_to_repeat: ClassVar[bool]
+    restores_from_recovery: ClassVar[bool] = False
+    waits_for_people: ClassVar[bool] = False
+    """The step waits for something people do (a technician, an administrator in the portal);
+    running out of time then needs a person, not a retry."""
+    waiting_for: ClassVar[str] = ""
+    """What it waits for, in words, for the needs_attention reason."""
+    """Whether the step can work on a device in Recovery (`StepContext.in_recovery`): only a restore
+    can; for any other step such a device needs a person."""
 
     async def check(self, ctx: StepContext) -> CheckResult:
         """Default: nothing to verify, so the step runs."""

@@ -1,29 +1,67 @@
-"""enroll: add the device to the organisation (provisional enrollment)."""
+"""enroll: get the device into the organisation (provisional enrollment), and prove it.
+
+Adding a device to Apple Business Manager needs an Apple-minted nonce that only Apple Configurator
+(on a Mac, signed in to Apple Business Manager) or an entitled iOS app can obtain, and the device
+accepts it only while in Setup Assistant. No host API exists, so this step never "enrolls" by
+itself. It makes sure a person does, and verifies the result through the Apple Business API:
+
+- `configurator`: asks the technician (port light, log, the port's state) to add exactly this
+  device with Apple Configurator, then waits for its serial to appear in the organisation;
+- `external`: only waits, for devices added some other way;
+- `skip`: the device must already be there; one that is not needs a person.
+
+The step only observes, so repeating it is safe: a device already in the organisation is never
+asked for twice (the check sees it first).
+"""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+from daemon.technician import ADD_TO_ABM, HandsRequest
 from daemon.workflow.phases import Phase
-from daemon.workflow.steps.base import Check, CheckResult, Step, StepContext
+from daemon.workflow.steps.base import Check, CheckResult, Step, StepContext, StepError
 
 
 class EnrollStep(Step):
     name: ClassVar[str] = "enroll"
     phase: ClassVar[Phase] = Phase.ENROLLING
-    # A device accepts one enrollment nonce; a second attempt is refused and confuses the portal.
-    safe_to_repeat: ClassVar[bool] = False
+    safe_to_repeat: ClassVar[bool] = True
+    waits_for_people: ClassVar[bool] = True
+    waiting_for: ClassVar[str] = "adding the device to Apple Business Manager"
 
     async def check(self, ctx: StepContext) -> CheckResult:
-        enrolled = await ctx.services.enroller.is_enrolled(ctx.device)
-        if enrolled is None:
+        serial = ctx.device.serial
+        inside = await ctx.apple.in_organisation(serial)
+        if inside is None:
             return CheckResult(
-                Check.UNKNOWN, f"{ctx.services.enroller.name} cannot tell whether it is enrolled"
+                Check.UNKNOWN, "the organisation cannot be seen without the Apple Business API"
             )
-        if enrolled:
-            return CheckResult(Check.DONE, f"{ctx.device.serial} is already in the organisation")
-        return CheckResult(Check.NEEDED, f"{ctx.device.serial} is not in the organisation")
+        if inside:
+            return CheckResult(Check.DONE, f"{serial} is already in the organisation")
+        return CheckResult(Check.NEEDED, f"{serial} is not in the organisation")
 
     async def run(self, ctx: StepContext) -> str | None:
-        await ctx.services.enroller.enroll(ctx.device, ctx.progress)
-        return f"{ctx.device.serial} added to the organisation via {ctx.services.enroller.name}"
+        serial, mode = ctx.device.serial, ctx.workflow.enrollment
+        if mode == "skip":
+            raise StepError(
+                "not_in_organisation",
+                f'{serial} is not in Apple Business Manager and workflow.enrollment is "skip";'
+                ' add it with Apple Configurator, or set enrollment to "configurator"',
+                retryable=False,
+                attention=True,
+            )
+        if mode == "configurator":
+            instruction = (
+                f"port {ctx.ref}, serial {serial}: in Apple Configurator select the device and choose"
+                " Prepare > Add to Apple Business Manager"
+            )
+            ctx.services.technician.ask(HandsRequest(ctx.ref, ADD_TO_ABM, instruction, serial, ctx.udid))
+            ctx.progress(None, f"needs a technician: {instruction}")
+        else:
+            ctx.progress(None, f"waiting for {serial} to appear in Apple Business Manager")
+        try:
+            await ctx.apple.wait_in_organisation(serial)
+        finally:
+            ctx.services.technician.withdraw(ctx.ref)
+        return f"{serial} is in the organisation"
