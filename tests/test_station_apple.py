@@ -11,7 +11,7 @@ import structlog
 
 from daemon.cli import main
 from daemon.models import PortRef
-from daemon.station import Station
+from daemon.station import Station, build_sim_world
 from daemon.workflow.actions import Action
 from daemon.workflow.phases import Phase
 from tests.conftest import eventually, running, station_config
@@ -161,3 +161,19 @@ async def test_nobody_adding_the_device_needs_attention_with_the_reason(
         station.world.apple.add_device(state.device.serial)
         await station.act(A1, Action.RETRY)
         await eventually(lambda: all_done(station), "done after retry")
+
+
+async def test_an_apple_outage_in_skip_mode_is_waited_out_not_taken_for_absence(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = station_config(tmp_path, mosquitto, devices=1, workflow={"enrollment": "skip"})
+    world = build_sim_world(config)
+    async with running(config, world) as station:
+        await eventually(lambda: world.slots[A1].device is not None, "plugged")
+        device = world.devices[world.slots[A1].device or 0]
+        world.apple.add_device(device.serial)  # bought through Apple: in the organisation
+        world.apple.fail_next(6, 503, html=True)  # ... but Apple is down when the port asks
+        await eventually(lambda: all_done(station), "done once Apple answers")
+        assert not any(r.phase is Phase.NEEDS_ATTENTION for r in station.store.history(ref=A1))
+        assert world.apple.counts["api"] >= 7  # the six failures were met, then answered
+    assert device.completed["enroll"] == 0

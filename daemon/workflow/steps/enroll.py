@@ -16,8 +16,10 @@ asked for twice (the check sees it first).
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
+from daemon.apple.base import AppleServiceError
 from daemon.technician import ADD_TO_ABM, HandsRequest
 from daemon.workflow.phases import Phase
 from daemon.workflow.steps.base import Check, CheckResult, Step, StepContext, StepError
@@ -44,6 +46,8 @@ class EnrollStep(Step):
     async def run(self, ctx: StepContext) -> str | None:
         serial, mode = ctx.device.serial, ctx.workflow.enrollment
         if mode == "skip":
+            if await self._in_organisation(ctx):
+                return f"{serial} is in the organisation"
             raise StepError(
                 "not_in_organisation",
                 f'{serial} is not in Apple Business Manager and workflow.enrollment is "skip";'
@@ -65,3 +69,16 @@ class EnrollStep(Step):
         finally:
             ctx.services.technician.withdraw(ctx.ref)
         return f"{serial} is in the organisation"
+
+    @staticmethod
+    async def _in_organisation(ctx: StepContext) -> bool:
+        """Apple's definite answer: an outage (the check may have met one) is waited out, not
+        taken for "not there"."""
+        while True:
+            try:
+                return await ctx.apple.in_organisation(ctx.device.serial) is True
+            except AppleServiceError as exc:
+                if not exc.retryable:
+                    raise
+                ctx.progress(None, f"Apple unreachable ({exc.message}); asking again")
+                await asyncio.sleep(ctx.apple.interval)
