@@ -57,7 +57,7 @@ class AppleAccess:
                 await server.close()
 
 
-def _secret_bytes(ref: Path, key: str) -> str:
+def _secret(ref: Path, key: str) -> str:
     try:
         return read_secret(ref)
     except ConfigError as exc:
@@ -72,12 +72,12 @@ def real_apple(config: Config) -> AppleAccess:
     try:
         if apple.has_api:
             assert apple.private_key_file is not None
-            pem = _secret_bytes(apple.private_key_file, "apple.private_key_file").encode()
+            pem = _secret(apple.private_key_file, "apple.private_key_file").encode()
             creds = AbmCredentials(apple.client_id, apple.key_id, pem, key_source=str(apple.private_key_file))
             abm = AbmClient(creds, api_url=apple.resolved_api_url, token_url=apple.token_url)
         if apple.has_dep and abm is None:
             assert apple.dep_token_file is not None
-            text = _secret_bytes(apple.dep_token_file, "apple.dep_token_file")
+            text = _secret(apple.dep_token_file, "apple.dep_token_file")
             dep = DepClient(
                 parse_server_token(text, source=str(apple.dep_token_file)), base_url=apple.dep_url
             )

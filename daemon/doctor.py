@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from daemon.apple.abm_client import AbmClient
 from daemon.apple.base import AppleServiceError
+from daemon.apple.tracker import UnknownMdmServerError, find_mdm_server
 from daemon.applesetup import real_apple
 from daemon.config import CambrionixHubConfig, Config, ConfigError, HubConfig, UsbHubConfig
 from daemon.hubsetup import HubFactory
@@ -168,9 +169,10 @@ async def _check_api(config: Config, abm: AbmClient) -> AppleCheck:
     target = config.assignment_target
     if not target:
         return AppleCheck(lines, True)
-    found = next((s for s in servers if target in (s.name, s.id)), None)
-    if found is None or found.server_type != "MDM":
-        lines.append(f"FAIL  Apple: no MDM server named {target!r}")
+    try:
+        found = find_mdm_server(servers, target)
+    except UnknownMdmServerError as exc:
+        lines.append(f"FAIL  Apple: {exc.message}")
         lines.append("      fix: set workflow.mdm_server (or apple.auto_assign) to one of the names above")
         return AppleCheck(lines, False)
     lines.append(f"ok    Apple: devices will be assigned to {found.name!r} ({found.id})")

@@ -70,6 +70,13 @@ class UnknownMdmServerError(AppleServiceError):
     retryable = False
 
 
+class OrganisationNotVisibleError(AppleServiceError):
+    """Only the legacy DEP API is configured: it sees one MDM server's devices, not the organisation."""
+
+    code = "apple_not_configured"
+    retryable = False
+
+
 class AssignmentRefusedError(AppleServiceError):
     code = "assignment_refused"
     retryable = False
@@ -143,7 +150,6 @@ class OrgTracker:
         self._activities: dict[str, list[str]] = {}  # activity id -> serials in it
         self._in_activity: set[str] = set()
         self._assign_attempts: dict[str, int] = {}
-        self.polls = 0
 
     # ------------------------------------------------------------------ what steps call
 
@@ -162,7 +168,7 @@ class OrgTracker:
 
     async def wait_in_organisation(self, serial: str) -> None:
         if self.abm is None:
-            raise UnknownMdmServerError(
+            raise OrganisationNotVisibleError(
                 "watching the organisation needs the Apple Business API (apple.client_id)"
             )
         await self._wait(serial, Wait.ORGANISATION)
@@ -203,7 +209,6 @@ class OrgTracker:
 
     async def poll_once(self) -> None:
         """One round of questions for every waiting serial."""
-        self.polls += 1
         members = [w.serial for w in self._waiters.values() if w.wait is Wait.ORGANISATION]
         for serial in members:
             if self.abm is not None and await self.abm.org_device(serial) is not None:
@@ -289,23 +294,10 @@ class OrgTracker:
 
     async def _target_server_id(self) -> str:
         """The target's server id, looked up by name (or id) once and kept."""
-        if self._target_id is not None:
-            return self._target_id
-        assert self.abm is not None
-        servers = await self.abm.mdm_servers()
-        for server in servers:
-            if self.target in (server.name, server.id):
-                if server.server_type != "MDM":
-                    raise UnknownMdmServerError(
-                        f"{self.target!r} is a {server.server_type} server, not an MDM server"
-                    )
-                self._target_id = server.id
-                return server.id
-        names = ", ".join(repr(s.name) for s in servers if s.server_type == "MDM") or "none"
-        raise UnknownMdmServerError(
-            f"no MDM server named {self.target!r} in Apple Business Manager (MDM servers: {names});"
-            " fix workflow.mdm_server"
-        )
+        if self._target_id is None:
+            assert self.abm is not None
+            self._target_id = find_mdm_server(await self.abm.mdm_servers(), self.target).id
+        return self._target_id
 
     # ------------------------------------------------------------------ assignment by DEP
 
@@ -372,3 +364,18 @@ class OrgTracker:
         delay = min(self.interval * 2.0 ** min(self._failures, 16), self._max_backoff)
         self._failures += 1
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not cryptography
+
+
+def find_mdm_server(servers: Sequence[MdmServer], target: str) -> MdmServer:
+    """The MDM server named (or with the id) `target`; one line naming the fix otherwise. Apple
+    Configurator's placeholder is a server too, but never a target."""
+    for server in servers:
+        if target in (server.name, server.id):
+            if server.server_type != "MDM":
+                raise UnknownMdmServerError(f"{target!r} is a {server.server_type} server, not an MDM server")
+            return server
+    names = ", ".join(repr(s.name) for s in servers if s.server_type == "MDM") or "none"
+    raise UnknownMdmServerError(
+        f"no MDM server named {target!r} in Apple Business Manager (MDM servers: {names});"
+        " fix workflow.mdm_server"
+    )
