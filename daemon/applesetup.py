@@ -92,7 +92,8 @@ def sim_apple(config: Config, world: SimWorld, desk: TechnicianDesk) -> AppleAcc
     """The real clients against the simulated organisation, and a technician at the bench."""
     server = HttpServer(world.apple.handle)
     url = server.bind()
-    creds = world.apple.new_api_account()
+    # The account an administrator made once; a restarted bench keeps using it (as a real one would).
+    creds = next(iter(world.apple.credentials()), None) or world.apple.new_api_account()
     abm = AbmClient(creds, api_url=url, token_url=f"{url}/auth/oauth2/token")
     assert config.sim is not None
     SimConfigurator(world, desk, delay=config.sim.configurator_delay)
