@@ -205,6 +205,41 @@ class TlsConfig(_Model):
         return self
 
 
+CommandAction = Literal["retry", "skip", "abort", "power_cycle", "identify"]
+COMMAND_ACTIONS: tuple[CommandAction, ...] = ("retry", "skip", "abort", "power_cycle", "identify")
+
+DEFAULT_COLORS: dict[str, str] = {
+    "empty": "off",
+    "detected": "blue",
+    "updating": "blue",
+    "erasing": "blue",
+    "enrolling": "blue",
+    "awaiting_assignment": "amber",
+    "setting_up": "blue",
+    "done": "green",
+    "failed": "red",
+    "needs_attention": "amber_blink",
+    "interrupted": "purple",
+}
+
+
+class CommandsConfig(_Model):
+    """Commands over MQTT (`…/port/<n>/set`, `<station>/set`). The broker's ACL decides who may
+    publish there; the daemon checks the action against `actions` and, with `token_file`, a
+    shared token carried in each command."""
+
+    enabled: bool = True
+    actions: tuple[CommandAction, ...] = COMMAND_ACTIONS
+    token_file: Path | None = None
+    """A file (or `credential:NAME`) holding a token each command must carry as `"token"`."""
+
+
+class HomeAssistantConfig(_Model):
+    enabled: bool = True
+    prefix: Annotated[str, Field(pattern=r"^[a-z0-9_-]+$")] = "homeassistant"
+    """Home Assistant's discovery prefix (Settings > MQTT > discovery prefix)."""
+
+
 class MqttConfig(_Model):
     url: str = "embedded"
     """`mqtt://host[:port]`, `mqtts://host[:port]`, or `embedded` for an in-process broker on loopback."""
@@ -217,6 +252,21 @@ class MqttConfig(_Model):
     """File holding the password; `credential:NAME` reads `$CREDENTIALS_DIRECTORY/NAME` (systemd)."""
     tls: TlsConfig | None = None
     keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    colors: dict[Phase, str] = Field(default_factory=lambda: {Phase(k): v for k, v in DEFAULT_COLORS.items()})
+    """Phase -> colour word for the scalar `…/state/color` mirror (status lights without JSON);
+    a table here overrides only the phases it names."""
+    outbox_limit: Annotated[int, Field(ge=100)] = 100_000
+    """Most messages kept while the broker is unreachable. Beyond it the oldest events (not
+    retained) are dropped and counted; the latest state of every port is never dropped."""
+    commands: CommandsConfig = CommandsConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @field_validator("colors", mode="before")
+    @classmethod
+    def _merge_colors(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {**DEFAULT_COLORS, **value}
 
     @field_validator("url")
     @classmethod
