@@ -91,7 +91,12 @@ async def live(
 ) -> None:
     """Redraw the board in place until cancelled."""
     while True:
-        text = header() + "\n\n" + render(source(), color=True)
-        out.write("\x1b[H\x1b[J" + text + "\n")
-        out.flush()
+        redraw(out, header() + "\n\n" + render(source(), color=True))
         await asyncio.sleep(interval)
+
+
+def redraw(out: TextIO, text: str) -> None:
+    """Replace the terminal's contents with `text` (cursor home, clear to end): a flicker-free
+    full-screen board without curses, shared by `demo` and `watch`."""
+    out.write("\x1b[H\x1b[J" + text + "\n")
+    out.flush()

@@ -34,6 +34,7 @@ from daemon.store import Store, StoreError
 from daemon.usb.hotplug import open_hotplug
 from daemon.usb.learn import FdLines, HubToLearn, LearnError, learn_ports
 from daemon.usb.portmap import describe_port_map, load_port_map, render_port_map, save_port_map
+from daemon.watch import watch_command
 from daemon.workflow.phases import SETTLED, Phase
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -106,6 +107,20 @@ def _parser() -> argparse.ArgumentParser:
     learn.add_argument("--output", "-o", type=Path, help="port map file (default: [station] port_map)")
     show = ports_sub.add_parser("show", help="print the station's port map")
     show.add_argument("--config", "-c", type=Path, required=True, help="station TOML file")
+
+    watch = sub.add_parser("watch", help="the live board of one station or of every station, from MQTT alone")
+    watch.add_argument("--mqtt", required=True, metavar="URL", help="broker: mqtt://host[:port] or mqtts://…")
+    watch.add_argument("--station", default="+", help="station id, or + for every station (default)")
+    watch.add_argument("--prefix", default="benchhub", help="topic prefix (default benchhub)")
+    watch.add_argument("--username", help="MQTT username")
+    watch.add_argument(
+        "--password-file", type=Path, metavar="FILE", help="file holding the password (or credential:NAME)"
+    )
+    watch.add_argument("--ca-file", type=Path, metavar="FILE", help="CA that signed the broker's certificate")
+    watch.add_argument("--cert-file", type=Path, metavar="FILE", help="client certificate (mutual TLS)")
+    watch.add_argument("--key-file", type=Path, metavar="FILE", help="client certificate's key")
+    watch.add_argument("--once", action="store_true", help="print the board once the retained state is in")
+    watch.add_argument("--verbose", "-v", action="store_true", help="debug log (e.g. skipped payloads)")
     return parser
 
 
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _status,
         "report": _report,
         "ports": _ports,
+        "watch": watch_command,
     }
     try:
         return commands[args.command](args)

@@ -571,6 +571,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     mqtt = cfg.mqtt
     if mqtt.password_file is not None and not str(mqtt.password_file).startswith("credential:"):
         mqtt = mqtt.model_copy(update={"password_file": rel(mqtt.password_file)})
+    token = mqtt.commands.token_file
+    if token is not None and not str(token).startswith("credential:"):
+        mqtt = mqtt.model_copy(
+            update={"commands": mqtt.commands.model_copy(update={"token_file": rel(token)})}
+        )
     if mqtt.tls is not None:
         tls = mqtt.tls.model_copy(
             update={k: rel(getattr(mqtt.tls, k)) for k in ("ca_file", "cert_file", "key_file")}

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from daemon import __version__
 from daemon.applesetup import real_apple, sim_apple
 from daemon.backoff import backoff_delay
 from daemon.config import CambrionixHubConfig, Config, ConfigError, read_secret
 from daemon.devicesetup import real_services, real_watcher, sim_services
 from daemon.hubs import HubSupervisor
 from daemon.hubsetup import HubFactory, model_spec, physical_port_paths, port_count
+from daemon.inbound import Inbound, response_payload
 from daemon.ios.base import DeviceEvent, DeviceGone, DeviceSeen
-from daemon.models import PortRef, PortState
+from daemon.models import OutboxMessage, PortRef, PortState
 from daemon.mqtt.broker import embedded_broker
+from daemon.mqtt.commands import CommandRejected, CommandRules
+from daemon.mqtt.discovery import discovery_messages, ha_status_topics, removal_messages
 from daemon.mqtt.payloads import PayloadRenderer
 from daemon.mqtt.publisher import MqttPublisher
 from daemon.mqtt.topics import Topics
@@ -68,6 +74,9 @@ def build_sim_world(config: Config) -> SimWorld:
     )
 
 
+IDENTIFY_SECONDS = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class MqttEndpoint:
     host: str
@@ -83,8 +92,8 @@ class Station:
         self.world = world
         """The simulated bench, or None on a bench of real devices."""
         self.topics = Topics(config.mqtt.prefix, config.station.id)
-        self.renderer = PayloadRenderer(self.topics)
-        self.store = Store(config.storage.path, self.renderer)
+        self.renderer = PayloadRenderer(self.topics, config.mqtt.colors)
+        self.store = Store(config.storage.path, self.renderer, outbox_limit=config.mqtt.outbox_limit)
         self.topology = Topology.from_config((h.id, port_count(h), h.usb_path) for h in config.hubs)
         for note in self.topology.apply_learned(load_port_map_if_present(config.station.port_map)):
             self.log.warning("port_map_note", note=note)
@@ -127,6 +136,8 @@ class Station:
             for ref in self.topology.ports()
         }
         self.store.ensure_ports(self.runners)
+        self.inbound = self._inbound(config)
+        """Commands and Home Assistant's birth message, handed over by the MQTT publisher."""
         self.mqtt: MqttEndpoint | None = None
         self.watcher: DeviceWatcher | None = None
         self.ready = asyncio.Event()
@@ -136,6 +147,8 @@ class Station:
         self._leds = {hub.id: hub.leds for hub in config.hubs}
         self._hands_led = {hub.id: hub.hands_led for hub in config.hubs}
         self._awaiting: set[PortRef] = set()
+        self._identifying: dict[PortRef, int] = {}
+        """Ports blinking for `identify`, with how many requests are still running."""
         """Ports awaiting assignment, so the retained list is republished when it changes."""
         # Device events held until the hub has told us its port map (see `_route`).
         self._held: dict[str, list[DeviceEvent]] = {
@@ -170,7 +183,7 @@ class Station:
         self.store.set_hub_status(hub, online)
 
     def _on_phase(self, ref: PortRef, phase: Phase) -> None:
-        self._show_phase(ref, phase)
+        self._repaint(ref, phase)
         waiting = phase is Phase.AWAITING_ASSIGNMENT
         if waiting or ref in self._awaiting:
             if waiting:
@@ -179,23 +192,83 @@ class Station:
                 self._awaiting.discard(ref)
             self.store.publish(self.renderer.waiting_messages(self.store.ports()))
 
-    def _show_phase(self, ref: PortRef, phase: Phase) -> None:
-        """Hub LEDs as status lights: remember what each port should show; `_show_leds` applies it."""
-        pattern = self._leds[ref.hub].get(phase)
-        if self.desk.wanted(ref):
+    def _on_hands(self, ref: PortRef, request: HandsRequest | None) -> None:
+        self._repaint(ref)
+
+    def _repaint(self, ref: PortRef, phase: Phase | None = None) -> None:
+        """Hub LEDs as status lights: remember what each port should show; `_show_leds` applies it.
+        An `identify` blink beats a request for the technician (`hands_led`), which beats the
+        phase's pattern; a port painted before whose phase has no pattern goes dark."""
+        if ref in self._identifying:
+            pattern: LedPattern | None = LedPattern.FAST_BLINK
+        elif self.desk.wanted(ref):
             pattern = self._hands_led[ref.hub]
+        else:
+            pattern = self._leds[ref.hub].get(phase or self.store.port(ref).phase)
+        if pattern is None and ref in self._led_wanted:
+            pattern = LedPattern.OFF
         if pattern is not None:
             self._led_wanted[ref] = pattern
             self._led_dirty.set()
 
-    def _on_hands(self, ref: PortRef, request: HandsRequest | None) -> None:
-        """A port waiting for a technician shows its hub's `hands_led` pattern until answered."""
-        pattern = self._hands_led[ref.hub] if request is not None else None
-        if pattern is None and self._led_wanted.get(ref) is not None:
-            pattern = self._leds[ref.hub].get(self.store.port(ref).phase)
-        if pattern is not None:
-            self._led_wanted[ref] = pattern
-            self._led_dirty.set()
+    def _inbound(self, config: Config) -> Inbound:
+        commands, ha = config.mqtt.commands, config.mqtt.homeassistant
+        rules = None
+        if commands.enabled:
+            token = read_secret(commands.token_file) if commands.token_file is not None else None
+            rules = CommandRules(commands.actions, token, lambda ref: ref in self.runners)
+        return Inbound(
+            self.topics,
+            rules=rules,
+            act=self.act,
+            identify=self.identify,
+            respond=self._respond,
+            ha_status_topics=ha_status_topics(ha.prefix) if ha.enabled else (),
+            on_ha_online=self._announce_soon,
+        )
+
+    def _forget_removed_hubs(self) -> None:
+        """A hub that left the config leaves MQTT too: its retained status and its Home Assistant
+        device are cleared (empty retained payloads), so dashboards and HA do not keep a ghost."""
+        removed = sorted(set(self.store.hub_statuses()) - {hub.id for hub in self.config.hubs})
+        if not removed:
+            return
+        ha = self.config.mqtt.homeassistant
+        messages = [OutboxMessage(self.topics.hub_status(hub), b"", retain=True) for hub in removed]
+        if ha.enabled:
+            messages += removal_messages(ha.prefix, self.config.station.id, removed)
+        self.store.forget_hubs(removed, messages)
+        self.log.info("hubs_removed", hubs=removed)
+
+    def announcements(self) -> list[OutboxMessage]:
+        """Home Assistant discovery for the station and its hubs (empty when disabled)."""
+        return discovery_messages(self.config, self.topics, __version__)
+
+    def _announce_soon(self) -> None:
+        """Home Assistant restarted and forgot every discovered device: announce again, after a
+        short random delay (HA's advice, so a fleet of stations does not answer at once)."""
+        delay = random.uniform(0.0, 2.0)  # noqa: S311 - spreading load, not cryptography
+        asyncio.get_running_loop().call_later(delay, lambda: self.store.publish(self.announcements()))
+
+    def _respond(self, document: dict[str, Any]) -> None:
+        self.store.publish([OutboxMessage(self.topics.response, response_payload(document), retain=False)])
+
+    def identify(self, ref: PortRef) -> str:
+        """Blink the port's LED for `IDENTIFY_SECONDS`, so a person finds the port (MQTT `identify`)."""
+        supervisor = self.supervisors[ref.hub]
+        if Capability.PORT_LED not in supervisor.capabilities:
+            raise CommandRejected("no_leds", f"hub {ref.hub} has no port LEDs (or is offline)")
+        self._identifying[ref] = self._identifying.get(ref, 0) + 1
+        self._repaint(ref)
+
+        def done() -> None:
+            self._identifying[ref] -= 1
+            if not self._identifying[ref]:
+                del self._identifying[ref]
+            self._repaint(ref)
+
+        asyncio.get_running_loop().call_later(IDENTIFY_SECONDS, done)
+        return f"blinking for {IDENTIFY_SECONDS:g} s"
 
     async def _show_leds(self) -> None:
         """Bring hub LEDs to the wanted patterns, newest wins, in order per port. A hub that was
@@ -288,6 +361,7 @@ class Station:
         they stand, and resume from the store next time), the publisher drains and says offline."""
         # Every log line of this station, including those of the tasks started below, names it.
         structlog.contextvars.bind_contextvars(station=self.config.station.id)
+        self._forget_removed_hubs()
         recovered = self.store.recover()
         if recovered:
             self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
@@ -328,7 +402,14 @@ class Station:
                     update={"url": f"mqtt://{endpoint.host}:{endpoint.port}"}
                 )
             mqtt_publisher = MqttPublisher(
-                mqtt_config, self.topics, self.store, self.renderer, password=password
+                mqtt_config,
+                self.topics,
+                self.store,
+                self.renderer,
+                password=password,
+                subscriptions=self.inbound.subscriptions,
+                on_message=self.inbound,
+                announcements=self.announcements,
             )
             publisher_stop = asyncio.Event()
             publisher = group.create_task(mqtt_publisher.run(publisher_stop), name="mqtt publisher")

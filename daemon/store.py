@@ -7,6 +7,12 @@ change itself, and the publisher catches up from the outbox. History is append-o
 
 SQLite calls run on the event loop thread: a transition commits in well under a millisecond (see
 `bench/store_bench.py`), transitions are rare per port, and one writer keeps ordering trivial.
+
+The outbox is bounded (`outbox_limit`, `[mqtt] outbox_limit`): a broker that stays away for days
+must not fill the disk. Retained messages are one per topic (an unsent one is replaced by the next),
+so they are bounded by the number of ports and are never dropped: the latest state of every port
+always reaches the broker. Beyond the limit the oldest *events* go first, and how many were dropped
+is counted in `meta` (`outbox_dropped`), so the loss is visible after a restart, not only in a log.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+import structlog
 
 from daemon.models import (
     DeviceIdentity,
@@ -34,6 +42,14 @@ from daemon.models import (
 from daemon.workflow.phases import RUNNING, Phase, check_transition
 
 SCHEMA_VERSION = 1
+"""Still 1 with the bounded outbox: its counter is a `meta` row, which older versions ignore."""
+
+DEFAULT_OUTBOX_LIMIT: Final = 100_000
+"""Same default as `MqttConfig.outbox_limit`, for stores opened without a config (tools, tests)."""
+
+_DROPPED_KEY: Final = "outbox_dropped"
+
+log = structlog.get_logger("benchhub.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,10 +109,32 @@ def _error(code: str | None, message: str | None) -> ErrorInfo | None:
 
 
 class Store:
-    def __init__(self, path: Path, renderer: OutboxRenderer | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        renderer: OutboxRenderer | None = None,
+        *,
+        outbox_limit: int = DEFAULT_OUTBOX_LIMIT,
+    ) -> None:
+        """`outbox_limit`: most messages kept for the broker; see the module docstring."""
+        if outbox_limit < 1:
+            raise ValueError(f"outbox_limit must be positive, not {outbox_limit}")
         self.path = path
         self._renderer = renderer
         self._listeners: list[Callable[[], None]] = []
+        self._outbox_limit = outbox_limit
+        self._outbox_count: int | None = None
+        """Rows in the outbox, kept by enqueue/ack so the limit costs no `count(*)` (a table scan)
+        per transition; None means unknown (just opened, or a transaction rolled back)."""
+        self._dropping = False
+        """Inside a drop episode: events were dropped and the outbox has not drained since. The
+        warning is logged once per episode (an outage), not once per dropped event."""
+        self._episode_dropped = 0
+        self._read_up_to = 0
+        """Highest outbox id the publisher has read (`outbox()`): rows up to it may be in flight."""
+        self._dropped_in_flight: set[int] = set()
+        """Events dropped after the publisher had read them: if it acks one, it was delivered after
+        all and is taken off the dropped count, which thus counts only events the broker never got."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -382,6 +420,14 @@ class Store:
                 self._enqueue(self._renderer.hub_messages(hub, online))
         self._notify()
 
+    def forget_hubs(self, hubs: Iterable[str], messages: Sequence[OutboxMessage]) -> None:
+        """Hubs that left the config: their rows go, and `messages` (clearing what the broker
+        retains about them) are queued in the same transaction."""
+        with self._tx():
+            self._db.executemany("DELETE FROM hubs WHERE hub = ?", [(hub,) for hub in hubs])
+            self._enqueue(messages)
+        self._notify()
+
     def hub_statuses(self) -> dict[str, bool]:
         return {r["hub"]: bool(r["online"]) for r in self._db.execute("SELECT * FROM hubs ORDER BY hub")}
 
@@ -417,18 +463,81 @@ class Store:
     def _enqueue(self, messages: Sequence[OutboxMessage]) -> None:
         """Queue messages. A retained message replaces any unsent one on the same topic: the broker
         would keep only the newest anyway, so an outage queues one state per port, not a stream of
-        progress updates. Events (not retained) are all kept, in order."""
+        progress updates. Events (not retained) are kept in order, up to the outbox limit."""
+        count = self._current_outbox_count()
         now = iso(utcnow())
         retained = [(m.topic,) for m in messages if m.retain]
         if retained:
-            self._db.executemany("DELETE FROM outbox WHERE retain = 1 AND topic = ?", retained)
+            count -= self._db.executemany(
+                "DELETE FROM outbox WHERE retain = 1 AND topic = ?", retained
+            ).rowcount
         self._db.executemany(
             "INSERT INTO outbox (topic, payload, retain, qos, created) VALUES (?,?,?,?,?)",
             [(m.topic, m.payload, int(m.retain), m.qos, now) for m in messages],
         )
+        count += len(messages)
+        if count > self._outbox_limit:
+            count -= self._drop_oldest_events(count - self._outbox_limit)
+        self._outbox_count = count
+
+    def _current_outbox_count(self) -> int:
+        if self._outbox_count is None:
+            self._outbox_count = int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return self._outbox_count
+
+    def _drop_oldest_events(self, excess: int) -> int:
+        """Delete up to `excess` of the oldest events and count them; returns how many went.
+
+        Only events: retained rows are one per topic and carry the latest state, which a consumer
+        cannot rebuild, whereas a lost event is history that the store still has. When retained rows
+        alone exceed the limit (more topics than the limit), the outbox stays above it.
+        """
+        ids = [
+            int(r[0])
+            for r in self._db.execute(
+                "SELECT id FROM outbox WHERE retain = 0 ORDER BY id LIMIT ?", (excess,)
+            ).fetchall()
+        ]
+        if not ids:
+            return 0
+        dropped = self._db.execute("DELETE FROM outbox WHERE retain = 0 AND id <= ?", (ids[-1],)).rowcount
+        self._dropped_in_flight.update(i for i in ids if i <= self._read_up_to)
+        self._count_dropped(dropped)
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "outbox_events_dropped",
+                count=dropped,
+                limit=self._outbox_limit,
+                total=self.dropped_events(),
+                reason="outbox full (broker unreachable?): oldest events dropped, states kept",
+            )
+        return dropped
+
+    def _count_dropped(self, delta: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+            " SET value = CAST(CAST(value AS INTEGER) + excluded.value AS TEXT)",
+            (_DROPPED_KEY, str(delta)),
+        )
+        self._episode_dropped += delta
+
+    def dropped_events(self) -> int:
+        """Events dropped because the outbox was full, over the database's whole life."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (_DROPPED_KEY,)).fetchone()
+        return int(row["value"]) if row else 0
+
+    @property
+    def outbox_limit(self) -> int:
+        return self._outbox_limit
 
     def outbox(self, limit: int = 100) -> list[OutboxRow]:
+        """The oldest `limit` messages, for the publisher. It acks what the broker confirmed before it
+        reads again, so rows of an earlier read that were dropped and not acked were never delivered."""
         rows = self._db.execute("SELECT * FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+        self._dropped_in_flight.clear()
+        if rows:
+            self._read_up_to = max(self._read_up_to, int(rows[-1]["id"]))
         return [
             OutboxRow(r["id"], OutboxMessage(r["topic"], bytes(r["payload"]), bool(r["retain"]), r["qos"]))
             for r in rows
@@ -438,12 +547,31 @@ class Store:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     def ack(self, ids: Sequence[int]) -> None:
-        """Forget messages the broker has acknowledged."""
+        """Forget messages the broker has acknowledged. An event dropped after the publisher read it
+        (the outbox overflowed meanwhile) is gone already; it reached the broker, so it is taken off
+        the dropped count."""
+        delivered = self._dropped_in_flight.intersection(ids)
         with self._tx():
-            self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+            count = self._current_outbox_count()
+            count -= self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids]).rowcount
+            self._outbox_count = count
+            if delivered:
+                self._count_dropped(-len(delivered))
+        self._dropped_in_flight -= delivered
+        if self._dropping and count == 0:
+            # Drained: the outage (or burst) is over; the next overflow is a new episode, warned again.
+            log.info("outbox_drained_after_drops", dropped=self._episode_dropped, total=self.dropped_events())
+            self._dropping = False
+            self._episode_dropped = 0
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._after_rollback)
+
+    def _after_rollback(self) -> None:
+        """The in-memory outbox figures may describe rows that never were: count again next time, and
+        forget which dropped rows were in flight (at worst a delivered event stays counted)."""
+        self._outbox_count = None
+        self._dropped_in_flight.clear()
 
     def counts(self) -> dict[str, Any]:
         """Row counts for `benchhub status` and benchmarks."""
@@ -454,10 +582,12 @@ class Store:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; nests as a no-op."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; nests as a no-op. `on_rollback` lets
+    the store forget in-memory figures that the rolled-back statements had changed."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, on_rollback: Callable[[], None] = lambda: None) -> None:
         self._db = db
+        self._on_rollback = on_rollback
         self._outer = False
 
     def __enter__(self) -> None:
@@ -472,3 +602,4 @@ class _Transaction:
             self._db.execute("COMMIT")
         else:
             self._db.execute("ROLLBACK")
+            self._on_rollback()

@@ -16,6 +16,7 @@ suite checks, so it must never be skipped silently.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import pwd
 import shutil
@@ -24,11 +25,16 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
 import aiomqtt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
 """Mosquitto installs its broker in an sbin directory, which is often not on a user's PATH."""
@@ -74,7 +80,9 @@ class Mosquitto:
         binary: str | None = None,
         extra_config: Sequence[str] = (),
     ) -> None:
-        """`extra_config`: lines added to the listener's section (e.g. `certfile ...` for TLS)."""
+        """`extra_config`: lines added to the listener's section (e.g. `certfile ...` for TLS, or
+        `allow_anonymous false` with `password_file`/`acl_file`, which replaces the default
+        `allow_anonymous true`)."""
         binary = binary or mosquitto_binary()
         if binary is None:
             raise MosquittoMissing(INSTALL_HINT)
@@ -105,10 +113,17 @@ class Mosquitto:
             return ""
 
     def _write_config(self) -> None:
+        # Anonymous access unless the test configures authentication itself (a second
+        # `allow_anonymous` line would silently win or lose depending on its position).
+        anonymous = (
+            []
+            if any(line.startswith("allow_anonymous") for line in self.extra_config)
+            else ["allow_anonymous true"]
+        )
         lines = [
             f"listener {self.port} {self.host}",
             *self.extra_config,
-            "allow_anonymous true",
+            *anonymous,
             "persistence false",
             f"log_dest file {self.log_path}",
             "log_type all",
@@ -199,6 +214,8 @@ async def retained_messages(
     *,
     within: float = 2.0,
     tls_context: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
 ) -> dict[str, bytes]:
     """Subscribe as a late, independent client and collect retained messages by topic.
 
@@ -207,7 +224,9 @@ async def retained_messages(
     """
     found: dict[str, bytes] = {}
     identifier = f"late-{os.getpid()}-{time.monotonic_ns()}"
-    async with aiomqtt.Client(host, port, identifier=identifier, tls_context=tls_context) as client:
+    async with aiomqtt.Client(
+        host, port, identifier=identifier, tls_context=tls_context, username=username, password=password
+    ) as client:
         await client.subscribe(topic_filter, qos=1)
         try:
             async with asyncio.timeout(within):
@@ -221,3 +240,117 @@ async def retained_messages(
         except TimeoutError:
             pass
     return found
+
+
+# ------------------------------------------------------------------------------ certificates
+
+
+class TestCA:
+    """A private certificate authority for TLS tests: server and client certificates on demand.
+
+    One CA signs both sides, so a broker with `cafile` = `ca` and `require_certificate true` accepts
+    exactly the clients this CA issued, and a client trusting `ca` accepts the broker: mutual TLS
+    without touching the system trust store.
+    """
+
+    __test__ = False  # not a test class, despite the name
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "benchhub test CA")])
+        usage = x509.KeyUsage(
+            digital_signature=False,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        cert = (
+            self._builder(self._name, self._key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.ca = directory / "ca.pem"
+        self.ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def _builder(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        now = datetime.now(UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+        )
+
+    def _issue(self, name: str, extensions: list[x509.ExtensionType]) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = self._builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key())
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+        )
+        cert = builder.sign(self._key, hashes.SHA256())
+        cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cert_path, key_path
+
+    def server(self) -> tuple[Path, Path]:
+        """(cert, key) for a broker on 127.0.0.1/localhost."""
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        return self._issue(
+            "server",
+            [x509.SubjectAlternativeName(names), x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])],
+        )
+
+    def client(self, name: str) -> tuple[Path, Path]:
+        """(cert, key) of a client whose certificate's common name is `name` (Mosquitto's
+        `use_identity_as_username` turns it into the username the ACL sees)."""
+        return self._issue(name, [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])])
+
+    def listener_config(self, *, require_certificate: bool = False) -> list[str]:
+        """Mosquitto listener lines for TLS with a server certificate from this CA."""
+        cert, key = self.server()
+        lines = [f"cafile {self.ca}", f"certfile {cert}", f"keyfile {key}"]
+        if require_certificate:
+            lines.append("require_certificate true")
+        return lines
+
+
+def make_certs(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key) files."""
+    authority = TestCA(directory)
+    return (authority.ca, *authority.server())
+
+
+# ------------------------------------------------------------------------------ authentication
+
+MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
+
+
+def password_file(path: Path, users: dict[str, str]) -> Path:
+    """A Mosquitto password file made by `mosquitto_passwd -b` (it hashes; we never write the
+    format ourselves). Skips the test, saying why, only when the tool is not installed."""
+    binary = shutil.which("mosquitto_passwd") or MOSQUITTO_PASSWD
+    if not Path(binary).is_file():
+        pytest.skip(f"{MOSQUITTO_PASSWD} is not installed (it comes with the mosquitto package)")
+    path.touch(mode=0o600)
+    for user, password in users.items():
+        subprocess.run([binary, "-b", str(path), user, password], check=True, capture_output=True)
+    return path

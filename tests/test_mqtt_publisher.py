@@ -35,6 +35,7 @@ from tests.conftest import eventually
 from tests.mqtt_broker import (  # noqa: F401 - mosquitto_fixture provides the `mosquitto` fixture
     Mosquitto,
     free_port,
+    make_certs,
     mosquitto_fixture,
     require_mosquitto,
     retained_messages,
@@ -181,10 +182,10 @@ async def test_broker_outage_delays_and_loses_nothing(mosquitto: Mosquitto, stor
         for ref, phase in down:
             walk(store, ref, phase)
         await asyncio.sleep(0.1)
-        # Every event is kept; of the retained state and phase messages only the newest per port
-        # is (an older retained state would be overwritten by the broker anyway).
+        # Every event is kept; of the retained state, phase and colour messages only the newest per
+        # port is (an older retained state would be overwritten by the broker anyway).
         ports_touched = {ref for ref, _ in down}
-        assert store.outbox_size() == len(down) + 2 * len(ports_touched), "outbox must keep what was not sent"
+        assert store.outbox_size() == len(down) + 3 * len(ports_touched), "outbox must keep what was not sent"
         error_while_down = publisher.last_error
         assert error_while_down, "last_error should say why the publisher is disconnected"
         assert not stop.is_set()
@@ -232,7 +233,7 @@ async def test_first_failure_warns_retries_are_quiet_and_password_never_logged(s
     assert publisher.last_error is not None
     assert "refused" in publisher.last_error.lower()
     assert not publisher.connected
-    assert store.outbox_size() == 3
+    assert store.outbox_size() == 4  # state, phase, colour and the event: kept for the broker
     assert secret not in repr(logs)
 
 
@@ -367,79 +368,6 @@ async def test_outage_in_the_middle_of_a_drain_loses_nothing(mosquitto: Mosquitt
         mosquitto.start()
         await eventually(lambda: publisher.connected and store.outbox_size() == 0, "outbox drained", within=5)
         assert_latest(await latest_retained(mosquitto, store), store)
-
-
-def make_certs(directory: Path) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key) files."""
-    import ipaddress
-    from datetime import UTC, datetime, timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "benchhub test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
 
 
 async def test_tls_verifies_the_broker_certificate(tmp_path: Path, store: Store) -> None:

@@ -46,9 +46,11 @@ def test_transition_updates_port_device_history_and_outbox_together(store: Store
         f"{base}/event",
         f"{base}/state",
         f"{base}/state/phase",
+        f"{base}/state/color",
         f"{base}/event",
     ]
-    assert [json.loads(outbox[i].message.payload)["to"] for i in (0, 3)] == ["detected", "updating"]
+    assert [json.loads(outbox[i].message.payload)["to"] for i in (0, 4)] == ["detected", "updating"]
+    assert outbox[3].message.payload == b"blue"  # updating, in the default colour map
     last_state = json.loads(outbox[1].message.payload)
     assert last_state["phase"] == "updating"
     assert last_state["serial"] == "F2LXK3ABHG7F"

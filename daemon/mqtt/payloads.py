@@ -8,8 +8,10 @@ can drop anything older than what they have) and a timestamp.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
+from daemon.config import DEFAULT_COLORS
 from daemon.models import OutboxMessage, PortState, Transition, iso, utcnow
 from daemon.mqtt.topics import Topics
 from daemon.report import awaiting_assignment, waiting_document
@@ -63,8 +65,18 @@ def _json(doc: dict[str, Any]) -> bytes:
 class PayloadRenderer:
     """Implements the store's `OutboxRenderer`: which messages one state change produces."""
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics, colors: Mapping[Phase, str] | None = None) -> None:
         self.topics = topics
+        self.colors = colors if colors is not None else {Phase(k): v for k, v in DEFAULT_COLORS.items()}
+
+    def _mirrors(self, state: PortState) -> list[OutboxMessage]:
+        """The scalar mirrors of the phase: the word itself, and its colour (`[mqtt] colors`), so a
+        status light needs no JSON parser, and the simplest one no phase table either."""
+        messages = [OutboxMessage(self.topics.port_phase(state.ref), state.phase.value.encode(), retain=True)]
+        color = self.colors.get(state.phase)
+        if color is not None:
+            messages.append(OutboxMessage(self.topics.port_color(state.ref), color.encode(), retain=True))
+        return messages
 
     def port_messages(
         self, state: PortState, transition: Transition | None, from_phase: Phase | None
@@ -73,9 +85,7 @@ class PayloadRenderer:
             OutboxMessage(self.topics.port_state(state.ref), _json(state_document(state)), retain=True),
         ]
         if transition is not None and from_phase is not None:
-            messages.append(
-                OutboxMessage(self.topics.port_phase(state.ref), state.phase.value.encode(), retain=True)
-            )
+            messages += self._mirrors(state)
             messages.append(
                 OutboxMessage(
                     self.topics.port_event(state.ref),
@@ -99,5 +109,5 @@ class PayloadRenderer:
         """Retained messages that restore a port's state on a broker that lost it."""
         return [
             OutboxMessage(self.topics.port_state(state.ref), _json(state_document(state)), retain=True),
-            OutboxMessage(self.topics.port_phase(state.ref), state.phase.value.encode(), retain=True),
+            *self._mirrors(state),
         ]

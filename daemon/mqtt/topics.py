@@ -26,6 +26,16 @@ class Topics:
         """Retained list of serials waiting for MDM assignment in Apple Business Manager."""
         return f"{self.base}/apple/awaiting_assignment"
 
+    @property
+    def station_set(self) -> str:
+        """Commands for the station, naming the port in the payload."""
+        return f"{self.base}/set"
+
+    @property
+    def response(self) -> str:
+        """One response per answered command, echoing its `transaction`."""
+        return f"{self.base}/response"
+
     def hub_status(self, hub: str) -> str:
         return f"{self.base}/hub/{hub}/status"
 
@@ -38,6 +48,14 @@ class Topics:
     def port_phase(self, ref: PortRef) -> str:
         """Scalar mirror of the phase for consumers that cannot parse JSON (status lights)."""
         return f"{self.port(ref)}/state/phase"
+
+    def port_color(self, ref: PortRef) -> str:
+        """Scalar mirror of the phase as a colour word (`[mqtt] colors`), for the simplest lights."""
+        return f"{self.port(ref)}/state/color"
+
+    def port_set(self, ref: PortRef) -> str:
+        """Commands for one port (JSON, docs/mqtt.md)."""
+        return f"{self.port(ref)}/set"
 
     def port_event(self, ref: PortRef) -> str:
         return f"{self.port(ref)}/event"
