@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import json
 import signal
 import sys
@@ -20,14 +21,26 @@ from typing import TextIO
 from daemon import __version__
 from daemon.board import elapsed, live, render, summary
 from daemon.config import CambrionixHubConfig, Config, ConfigError, HubConfig, load_config
-from daemon.doctor import check_apple, check_hubs
+from daemon.doctor import check_apple, check_hubs, check_station
 from daemon.doctor import render as render_doctor
 from daemon.hubsetup import port_count
 from daemon.logs import configure_logging
 from daemon.models import PortState, iso
 from daemon.mqtt.broker import BrokerUnavailable
 from daemon.mqtt.payloads import state_document
-from daemon.report import DeviceOutcome, awaiting_assignment, outcomes, render_outcomes, waiting_document
+from daemon.report import (
+    DeviceOutcome,
+    SinceError,
+    WaitingSerial,
+    audit,
+    audit_csv,
+    awaiting_assignment,
+    outcomes,
+    parse_since,
+    render_audit,
+    render_outcomes,
+    waiting_document,
+)
 from daemon.sim.demo import DemoOptions, demo_config, technician
 from daemon.station import Station, build_sim_world
 from daemon.store import Store, StoreError
@@ -81,21 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--until-done", action="store_true", help="exit when every device has finished")
     demo.add_argument("--timeout", type=float, default=900.0, help="with --until-done: give up after (s)")
 
-    doctor = sub.add_parser("doctor", help="check the hubs (and later everything else) the station needs")
+    doctor = sub.add_parser("doctor", help="check what a run needs: hubs, state, disk, usbmuxd, MQTT, Apple")
     doctor.add_argument("--config", "-c", type=Path, help="station TOML file (without: discovery only)")
 
     status = sub.add_parser("status", help="print every port's state from the station's database")
     status.add_argument("--config", "-c", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="one JSON document per port")
 
-    report = sub.add_parser("report", help="reports from the station's database")
-    report.add_argument("--config", "-c", type=Path, required=True)
-    report.add_argument(
-        "--waiting",
-        action="store_true",
-        help="the serials waiting for MDM assignment in Apple Business Manager, one per line",
-    )
-    report.add_argument("--json", action="store_true", help="a JSON document instead of text")
+    _report_parser(sub)
 
     ports = sub.add_parser("ports", help="the station's port map: which USB path each hub port has")
     ports_sub = ports.add_subparsers(dest="ports_command", required=True)
@@ -122,6 +128,27 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--once", action="store_true", help="print the board once the retained state is in")
     watch.add_argument("--verbose", "-v", action="store_true", help="debug log (e.g. skipped payloads)")
     return parser
+
+
+def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = sub.add_parser(
+        "report", help="the audit trail of every device from the station's database (or --waiting)"
+    )
+    report.add_argument("--config", "-c", type=Path, required=True)
+    report.add_argument(
+        "--waiting",
+        action="store_true",
+        help="the serials waiting for MDM assignment in Apple Business Manager, one per line",
+    )
+    report.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only devices with history since WHEN: an ISO date/time (local unless it has a zone) or 24h, 7d",
+    )
+    report.add_argument("--format", choices=["text", "csv", "json"], default="text", help="default text")
+    report.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="same as --format json"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +197,13 @@ def _doctor(args: argparse.Namespace) -> int:
     configure_logging("warning", "console")
     world = build_sim_world(config) if config is not None and config.sim is not None else None
     checks, found = asyncio.run(check_hubs(config, world))
+    station = asyncio.run(check_station(config)) if config is not None else []
     apple = asyncio.run(check_apple(config))
-    print("\n".join([render_doctor(checks, found), *apple.lines]))
-    return EXIT_OK if all(c.ok for c in checks) and apple.ok else EXIT_FAILED
+    print(
+        "\n".join([render_doctor(checks, found), *(line for c in station for line in c.lines), *apple.lines])
+    )
+    ok = all(c.ok for c in checks) and all(c.ok for c in station) and apple.ok
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _open_store(config_path: Path) -> Store | None:
@@ -186,24 +217,41 @@ def _open_store(config_path: Path) -> Store | None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    try:
+        since = parse_since(args.since) if args.since else None
+    except SinceError as exc:
+        print(f"benchhub: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     store = _open_store(args.config)
     if store is None:
         return EXIT_FAILED
     try:
-        states = store.ports()
-        if not args.waiting:
-            rows = outcomes(store, states)
-            print(json.dumps([r.as_dict() for r in rows]) if args.json else render_outcomes(rows))
+        if args.waiting:
+            _print_waiting(awaiting_assignment(store.ports()), args.format)
             return EXIT_OK
+        rows = audit(store, since)
     finally:
         store.close()
-    waiting = awaiting_assignment(states)
-    if args.json:
+    if args.format == "json":
+        print(json.dumps([r.as_dict() for r in rows], indent=1))
+    elif args.format == "csv":
+        sys.stdout.write(audit_csv(rows))
+    else:
+        print(render_audit(rows))
+    return EXIT_OK
+
+
+def _print_waiting(waiting: list[WaitingSerial], fmt: str) -> None:
+    """Text stays serial-first and tab-separated: the first column pastes into the portal's search."""
+    if fmt == "json":
         print(json.dumps(waiting_document(waiting)))
+    elif fmt == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["serial", "port", "since"])
+        out.writerows([row.serial, str(row.ref), iso(row.since)] for row in waiting)
     else:
         for row in waiting:
             print(f"{row.serial}\t{row.ref}\twaiting since {iso(row.since)}")
-    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from daemon.mqtt.discovery import discovery_messages, ha_status_topics, removal_
 from daemon.mqtt.payloads import PayloadRenderer
 from daemon.mqtt.publisher import MqttPublisher
 from daemon.mqtt.topics import Topics
+from daemon.sdnotify import Notifier
 from daemon.sim.demo import plug_initial
 from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld, build_world
@@ -75,6 +77,8 @@ def build_sim_world(config: Config) -> SimWorld:
 
 
 IDENTIFY_SECONDS = 10.0
+STATUS_EVERY = 1.0
+"""Seconds between systemd STATUS= refreshes at most (a busy bench changes many times a second)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,8 @@ class Station:
         self._led_wanted: dict[PortRef, LedPattern] = {}
         self._led_shown: dict[PortRef, LedPattern] = {}
         self._led_dirty = asyncio.Event()
+        self.notifier = Notifier()
+        """systemd's notification socket (READY, STATUS, WATCHDOG, STOPPING); a no-op elsewhere."""
 
     # ---------------------------------------------------------------- events
 
@@ -381,6 +387,73 @@ class Station:
         finally:
             bus.close()
 
+    def status_line(self, publisher: MqttPublisher, unhealthy: str | None = None) -> str:
+        """One line for `systemctl status` (systemd's STATUS=): hubs and ports, what the ports are
+        doing, and what the daemon is riding out by itself (broker outage, offline hubs)."""
+        counts: Counter[Phase] = Counter(state.phase for state in self.store.ports())
+        counts.pop(Phase.EMPTY, None)
+        busy = ", ".join(f"{counts[p]} {p.value.replace('_', ' ')}" for p in Phase if counts[p])
+        hubs = len(self.supervisors)
+        parts = [f"{hubs} hub{'s' if hubs != 1 else ''}, {len(self.runners)} ports: {busy or 'all empty'}"]
+        offline = [hub for hub, s in self.supervisors.items() if not s.online]
+        if offline:
+            parts.append(f"offline: {', '.join(offline)}")
+        if not publisher.connected:
+            error = publisher.last_error
+            parts.append(f"MQTT down ({error}), retrying" if error else "MQTT connecting")
+        if unhealthy:
+            parts.append(f"UNHEALTHY: {unhealthy}")
+        return "; ".join(parts)
+
+    async def _systemd(
+        self, stop: asyncio.Event, publisher: MqttPublisher, vital: list[asyncio.Task[None]]
+    ) -> None:
+        """Keep systemd informed until `stop`: STATUS= when the summary changes (at most every
+        `STATUS_EVERY` s), WATCHDOG=1 every half watchdog interval while healthy, STOPPING=1 at the end.
+
+        Healthy means: this task ran on time (the event loop's lag, measured over the ticks since the
+        last ping, stayed within half the interval: a loop blocked that long is not serving hubs or
+        devices), and every vital task (hub supervisors, the MQTT publisher, the device watcher) is
+        still running. Those loop forever and handle outages themselves; one that raised takes the
+        whole TaskGroup (and the process) down anyway, but one that returned would leave the station
+        silently deaf, so withholding the ping makes systemd restart it. A broker outage or an
+        offline hub is not unhealthy: restarting would not help, so STATUS= says so instead."""
+        notifier = self.notifier
+        if not notifier.enabled:
+            await stop.wait()
+            return
+        loop = asyncio.get_running_loop()
+        interval = notifier.watchdog_interval
+        half = interval / 2 if interval is not None else None
+        tick = min(STATUS_EVERY, half) if half is not None else STATUS_EVERY
+        shown, shown_at, pinged_at, lag = "", -STATUS_EVERY, loop.time(), 0.0
+        while True:
+            planned = loop.time() + tick
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await stop.wait()
+            if stop.is_set():
+                break
+            now = loop.time()
+            lag = max(lag, now - planned)
+            unhealthy = None
+            if half is not None and now - pinged_at >= half - tick / 2:
+                dead = [t.get_name() for t in vital if t.done()]
+                if dead:
+                    unhealthy = f"task ended: {', '.join(dead)}"
+                elif lag > half:
+                    unhealthy = f"event loop stalled {lag:.1f} s"
+                if unhealthy is None:
+                    notifier.watchdog()
+                else:
+                    self.log.warning("watchdog_withheld", reason=unhealthy)
+                pinged_at, lag = now, 0.0
+            line = self.status_line(publisher, unhealthy)
+            if line != shown and (unhealthy or now - shown_at >= STATUS_EVERY):
+                notifier.status(line)
+                shown, shown_at = line, now
+        notifier.stopping("stopping: interrupting running steps, draining the MQTT outbox")
+
     async def _run(
         self,
         stop: asyncio.Event,
@@ -413,12 +486,17 @@ class Station:
             )
             publisher_stop = asyncio.Event()
             publisher = group.create_task(mqtt_publisher.run(publisher_stop), name="mqtt publisher")
+            runners = [group.create_task(r.run(), name=f"runner {r.ref}") for r in self.runners.values()]
+            hubs = [group.create_task(s.run(), name=f"hub {s.hub_id}") for s in self.supervisors.values()]
+            watching = group.create_task(self._watch_devices(watcher), name="device watcher")
             workers = [
-                *(group.create_task(r.run(), name=f"runner {r.ref}") for r in self.runners.values()),
-                *(group.create_task(s.run(), name=f"hub {s.hub_id}") for s in self.supervisors.values()),
-                group.create_task(self._watch_devices(watcher), name="device watcher"),
+                *runners,
+                *hubs,
+                watching,
                 group.create_task(self._show_leds(), name="hub leds"),
             ]
+            vital = [publisher, *hubs, watching]
+            group.create_task(self._systemd(stop, mqtt_publisher, vital), name="systemd")
             self.log.info(
                 "station_started",
                 station=self.config.station.id,
@@ -429,6 +507,7 @@ class Station:
                 hotplug=watcher.hotplug.description,
             )
             self.ready.set()
+            self.notifier.ready(self.status_line(mqtt_publisher))
             await stop.wait()
             self.log.info("station_stopping")
             for task in workers:
