@@ -156,6 +156,7 @@ async def measure(args: argparse.Namespace, url: str, broker: Mosquitto | None, 
     data = demo_config(options, state_dir).model_dump(mode="json", exclude_none=True)
     data["logging"] = {"level": "warning"}
     data["mqtt"]["outbox_limit"] = args.outbox_limit
+    data["mqtt"]["inflight"] = args.inflight
     # The demo saves the simulated world (every device ever made) on each change, a third of the
     # CPU of this run, and nothing the daemon does: without it the figures are the daemon's.
     data["sim"].pop("state_file", None)
@@ -277,6 +278,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="most seconds for a workflow round")
     parser.add_argument("--outage", type=float, default=30.0, help="seconds the broker is stopped")
     parser.add_argument("--outbox-limit", type=int, default=100_000, help="[mqtt] outbox_limit (>= 100)")
+    parser.add_argument("--inflight", type=int, default=50, help="[mqtt] inflight (the broker has nodelay)")
     parser.add_argument("--mqtt-url", help="an existing broker (no outage phase)")
     args = parser.parse_args()
     structlog.configure(

@@ -255,6 +255,11 @@ class MqttConfig(_Model):
     colors: dict[Phase, str] = Field(default_factory=lambda: {Phase(k): v for k, v in DEFAULT_COLORS.items()})
     """Phase -> colour word for the scalar `…/state/color` mirror (status lights without JSON);
     a table here overrides only the phases it names."""
+    inflight: Annotated[int, Field(ge=1, le=100)] = 1
+    """QoS 1 messages sent before their acknowledgements arrive. 1 suits a default Mosquitto;
+    with `set_tcp_nodelay true` on the broker, 50 drains a backlog ~3x faster, while without it the
+    broker's acknowledgements wait on Nagle's algorithm and a window makes things ~3x slower
+    (docs/operations.md has the figures)."""
     outbox_limit: Annotated[int, Field(ge=100)] = 100_000
     """Most messages kept while the broker is unreachable. Beyond it the oldest events (not
     retained) are dropped and counted; the latest state of every port is never dropped."""

@@ -277,6 +277,8 @@ def _operator_action(row: HistoryRow) -> str:
         return "abort"
     if "skipped_by_operator" in row.extra:
         return f"skip {row.extra['skipped_by_operator']}"
+    if "retried_by_operator" in row.extra:
+        return f"retry {row.extra['retried_by_operator']}"
     if row.detail == "port power-cycled":
         return "power_cycle"
     return row.detail or f"-> {row.phase.value}"

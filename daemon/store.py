@@ -599,7 +599,19 @@ class _Transaction:
         if not self._outer:
             return
         if exc_type is None:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, busy) must not leave the transaction open: every later
+                # `_tx()` would take it for an outer one and nest in it, committing nothing.
+                self._rollback()
+                raise
         else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM): a
+        # ROLLBACK then fails ("no transaction is active") and would hide the real error.
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
-            self._on_rollback()
+        self._on_rollback()

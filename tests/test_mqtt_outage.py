@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -36,8 +37,13 @@ from daemon.workflow.phases import SETTLED, Phase
 from tests.conftest import eventually, running, station_config
 from tests.mqtt_broker import Mosquitto, free_port, require_mosquitto, retained_messages
 
-OUTAGE_SECONDS = 30.0
-"""How long the broker is away (the issue asks for 30 s; the whole test stays under 45 s)."""
+OUTAGE_SECONDS = float(os.environ.get("BENCHHUB_OUTAGE_SECONDS", "30"))
+"""How long the broker is away (the issue asks for 30 s; the whole test stays under 45 s).
+
+A longer outage (`BENCHHUB_OUTAGE_SECONDS=60`, run before a release) exercises nothing a 30 s one
+does not: the station has lost its connection within a second either way (the broker's sockets
+close, keepalive plays no part), the reconnect backoff is capped below for this test, and the
+outbox only grows linearly, far below its limit. So CI runs 30 s, once."""
 SPEED = 300.0
 """Simulated speed: a device's whole workflow takes a few seconds, so with the technician swapping
 finished devices every port goes through several devices during the outage."""

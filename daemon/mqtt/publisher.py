@@ -40,8 +40,8 @@ log = structlog.get_logger("benchhub.mqtt")
 
 BATCH: Final = 200
 """Outbox rows read (and acked) per round trip to SQLite."""
-WINDOW: Final = 50
-"""QoS 1 messages in flight at once (paho queues beyond its own in-flight limit of 20)."""
+WINDOW_MAX: Final = 100
+"""Most QoS 1 messages in flight at once (`mqtt.inflight`; paho queues beyond its own 20)."""
 """Seconds; min(1.8**tries, 30) like aioesphomeapi, so a broker back after a restart is found within
 a second or two, and a long outage costs one attempt per half minute."""
 STOP_DRAIN_SECONDS: Final = 2.0
@@ -220,7 +220,7 @@ class MqttPublisher:
             tls_context=context,
             timeout=CALL_TIMEOUT,
         )
-        client.pending_calls_threshold = WINDOW + 10  # a full window in flight is normal
+        client.pending_calls_threshold = WINDOW_MAX + 10  # a full window in flight is normal
         return client
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
@@ -284,15 +284,15 @@ class MqttPublisher:
     async def _drain(self, client: aiomqtt.Client) -> None:
         """Publish the outbox in id order, acking each batch's confirmed prefix, until it is empty.
 
-        Up to `WINDOW` messages are in flight at once: waiting for each PUBACK before sending the
-        next made the drain as slow as the event loop's round trips (~90 msg/s on a busy bench
-        loop). Order is kept, since each send hands its message to paho in the order the sends
-        start, and the broker keeps one client's order; only the confirmed prefix is acked."""
+        Up to `mqtt.inflight` messages are in flight at once (1 by default: see its docstring for
+        when more pays). Order is kept, since each send hands its message to paho in the order the
+        sends start, and the broker keeps one client's order; only the confirmed prefix is acked."""
         while rows := self._store.outbox(limit=BATCH):
             confirmed: list[int] = []
             try:
-                for start in range(0, len(rows), WINDOW):
-                    window = rows[start : start + WINDOW]
+                window_size = self._config.inflight
+                for start in range(0, len(rows), window_size):
+                    window = rows[start : start + window_size]
                     sends = [asyncio.ensure_future(self._publish(client, row.message)) for row in window]
                     try:
                         await asyncio.gather(*sends)

@@ -425,7 +425,7 @@ class PortRunner:
             ):
                 raise ActionRejected("the device is in Recovery mode: only retrying its restore applies")
             await self._cancel_workflow()
-            self._start(seen, start=start, forced=True, recovery=recovery)
+            self._start(seen, start=start, forced=True, recovery=recovery, retried_by_operator=step_name)
             return f"retrying {step_name} from Recovery"
         if seen is not None and seen.mode is DeviceMode.RECOVERY:
             raise ActionRejected(
@@ -436,7 +436,9 @@ class PortRunner:
             raise ActionRejected("no device is connected to this port")
         if action is Action.RETRY:
             await self._cancel_workflow()
-            self._start(seen, start=index_of(step_name, self._plan), forced=True)
+            self._start(
+                seen, start=index_of(step_name, self._plan), forced=True, retried_by_operator=step_name
+            )
             return f"retrying {step_name}"
         # SKIP
         await self._cancel_workflow()
@@ -454,11 +456,17 @@ class PortRunner:
         forced: bool = False,
         skipped_by_operator: str | None = None,
         recovery: DeviceIdentity | None = None,
+        retried_by_operator: str | None = None,
     ) -> None:
         """Run the workflow for `seen`. `recovery`: the device is in Recovery and this is who it is
-        (its recorded identity); the workflow then starts at its restore, without a detect."""
+        (its recorded identity); the workflow then starts at its restore, without a detect.
+        `retried_by_operator`: the step an operator retries; its first row carries actor "operator"
+        (like a skip's), so the audit trail (`benchhub report`) tells it from the workflow's retries."""
         task = asyncio.get_running_loop().create_task(
-            self._workflow(seen, start, forced, skipped_by_operator, recovery), name=f"workflow {self.ref}"
+            self._workflow(
+                seen, start, forced, skipped_by_operator, recovery, retried_by_operator=retried_by_operator
+            ),
+            name=f"workflow {self.ref}",
         )
         task.add_done_callback(lambda t: self._inbox.put_nowait(_Finished(t)))
         self._task = task
@@ -470,10 +478,14 @@ class PortRunner:
         forced: bool,
         skipped_by_operator: str | None,
         recovery: DeviceIdentity | None,
+        *,
+        retried_by_operator: str | None = None,
     ) -> None:
         structlog.contextvars.bind_contextvars(hub=self.ref.hub, port=self.ref.port, udid=seen.udid)
         try:
-            await self._drive(seen, start, forced, skipped_by_operator, recovery)
+            await self._drive(
+                seen, start, forced, skipped_by_operator, recovery, retried_by_operator=retried_by_operator
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not take the station down; the port says what happened
@@ -513,6 +525,8 @@ class PortRunner:
         forced: bool,
         skipped_by_operator: str | None,
         recovery: DeviceIdentity | None = None,
+        *,
+        retried_by_operator: str | None = None,
     ) -> None:
         ctx = self._context(seen, self._info if start is not None else None, recovery)
         extra: dict[str, Any] = {}
@@ -547,6 +561,10 @@ class PortRunner:
             start, interrupted = point.index, point.interrupted_step
             if interrupted:
                 self.log.info("resuming", step=interrupted)
+        if retried_by_operator is not None:
+            # Marked here, after any detect, so the mark lands on the retried step's first row.
+            extra["retried_by_operator"] = retried_by_operator
+            actor = "operator"
         await self._run_plan(
             ctx, start, forced=forced, interrupted=interrupted, extra=extra, actor=actor, recovery=recovery
         )
