@@ -78,19 +78,46 @@ def outcomes(store: Store, states: list[PortState]) -> list[DeviceOutcome]:
     return rows
 
 
+TABLE_HEADER = "{:<10} {:<12} {:<13} {:<17} {:<16} {:>7} {:>7}  NOTE".format(
+    "PORT", "MODEL", "SERIAL", "iOS", "OUTCOME", "RETRIES", "TIME"
+)
+
+
+def _table_row(
+    ref: PortRef,
+    device: DeviceIdentity,
+    *,
+    ios_before: str | None,
+    outcome: Phase,
+    retries: int,
+    seconds: float,
+    error: ErrorInfo | None,
+) -> str:
+    """One device in the outcomes table (the demo's summary and `benchhub report`)."""
+    ios = device.ios_version or "?"
+    if ios_before and ios_before != device.ios_version:
+        ios = f"{ios_before} -> {ios}"
+    note = f"{error.code}: {error.message}" if error else ""
+    return (
+        f"{ref!s:<10} {device.product_type or '?':<12} {device.serial or '?':<13} {ios:<17}"
+        f" {outcome.value:<16} {retries:>7} {seconds:>6.1f}s  {note}"
+    )
+
+
 def render_outcomes(rows: list[DeviceOutcome]) -> str:
-    header = ("PORT", "MODEL", "SERIAL", "iOS", "OUTCOME", "RETRIES", "TIME")
-    lines = ["{:<10} {:<12} {:<13} {:<17} {:<16} {:>7} {:>7}  NOTE".format(*header)]
-    for r in rows:
-        d = r.device
-        ios = d.ios_version or "?"
-        if r.ios_before and r.ios_before != d.ios_version:
-            ios = f"{r.ios_before} -> {ios}"
-        note = f"{r.error.code}: {r.error.message}" if r.error else ""
-        lines.append(
-            f"{r.ref!s:<10} {d.product_type or '?':<12} {d.serial or '?':<13} {ios:<17} {r.phase.value:<16} "
-            f"{r.retries:>7} {r.seconds:>6.1f}s  {note}"
+    lines = [TABLE_HEADER]
+    lines += [
+        _table_row(
+            r.ref,
+            r.device,
+            ios_before=r.ios_before,
+            outcome=r.phase,
+            retries=r.retries,
+            seconds=r.seconds,
+            error=r.error,
         )
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -360,18 +387,19 @@ def audit_csv(rows: list[AuditRow]) -> str:
 
 def render_audit(rows: list[AuditRow]) -> str:
     """The outcomes table (same columns), one row per device, operator actions indented under it."""
-    header = ("PORT", "MODEL", "SERIAL", "iOS", "OUTCOME", "RETRIES", "TIME")
-    lines = ["{:<10} {:<12} {:<13} {:<17} {:<16} {:>7} {:>7}  NOTE".format(*header)]
+    lines = [TABLE_HEADER]
     for r in rows:
-        d = r.device
-        ios = d.ios_version or "?"
-        if r.ios_before and r.ios_before != d.ios_version:
-            ios = f"{r.ios_before} -> {ios}"
-        note = f"{r.error.code}: {r.error.message}" if r.error else ""
         took = (r.last_seen - r.first_seen).total_seconds()
         lines.append(
-            f"{r.ports[-1]!s:<10} {d.product_type or '?':<12} {d.serial or '?':<13} {ios:<17}"
-            f" {r.outcome.value:<16} {r.retries:>7} {took:>6.1f}s  {note}"
+            _table_row(
+                r.ports[-1],
+                r.device,
+                ios_before=r.ios_before,
+                outcome=r.outcome,
+                retries=r.retries,
+                seconds=took,
+                error=r.error,
+            )
         )
         lines += [f"{'':<10} operator: {a}" for a in r.operator_actions]
     return "\n".join(lines)
