@@ -10,7 +10,6 @@ client sends can raise out of here. Home Assistant publishes `online` on `<prefi
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,6 +113,3 @@ class Inbound:
             transaction=command.transaction, ok=ok, ref=command.ref, action=command.action, **fields
         )
 
-
-def response_payload(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()

@@ -26,7 +26,7 @@ from daemon.config import CambrionixHubConfig, Config, ConfigError, read_secret
 from daemon.devicesetup import real_services, real_watcher, sim_services
 from daemon.hubs import HubSupervisor
 from daemon.hubsetup import HubFactory, model_spec, physical_port_paths, port_count
-from daemon.inbound import Inbound, response_payload
+from daemon.inbound import Inbound
 from daemon.ios.base import DeviceEvent, DeviceGone, DeviceSeen
 from daemon.models import OutboxMessage, PortRef, PortState
 from daemon.mqtt.broker import embedded_broker
@@ -257,7 +257,7 @@ class Station:
         asyncio.get_running_loop().call_later(delay, lambda: self.store.publish(self.announcements()))
 
     def _respond(self, document: dict[str, Any]) -> None:
-        self.store.publish([OutboxMessage(self.topics.response, response_payload(document), retain=False)])
+        self.store.publish(self.renderer.response_messages(document))
 
     def identify(self, ref: PortRef) -> str:
         """Blink the port's LED for `IDENTIFY_SECONDS`, so a person finds the port (MQTT `identify`)."""

@@ -58,7 +58,8 @@ def event_document(state: PortState, transition: Transition, from_phase: Phase) 
     }
 
 
-def _json(doc: dict[str, Any]) -> bytes:
+def compact_json(doc: dict[str, Any]) -> bytes:
+    """Every JSON payload the station publishes: compact, keys sorted (stable bytes per content)."""
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -68,6 +69,11 @@ class PayloadRenderer:
     def __init__(self, topics: Topics, colors: Mapping[Phase, str] | None = None) -> None:
         self.topics = topics
         self.colors = colors if colors is not None else {Phase(k): v for k, v in DEFAULT_COLORS.items()}
+
+    def _state(self, state: PortState) -> OutboxMessage:
+        return OutboxMessage(
+            self.topics.port_state(state.ref), compact_json(state_document(state)), retain=True
+        )
 
     def _mirrors(self, state: PortState) -> list[OutboxMessage]:
         """The scalar mirrors of the phase: the word itself, and its colour (`[mqtt] colors`), so a
@@ -82,14 +88,14 @@ class PayloadRenderer:
         self, state: PortState, transition: Transition | None, from_phase: Phase | None
     ) -> list[OutboxMessage]:
         messages = [
-            OutboxMessage(self.topics.port_state(state.ref), _json(state_document(state)), retain=True),
+            self._state(state),
         ]
         if transition is not None and from_phase is not None:
             messages += self._mirrors(state)
             messages.append(
                 OutboxMessage(
                     self.topics.port_event(state.ref),
-                    _json(event_document(state, transition, from_phase)),
+                    compact_json(event_document(state, transition, from_phase)),
                     retain=False,
                 )
             )
@@ -103,11 +109,15 @@ class PayloadRenderer:
         """The retained list of serials waiting for MDM assignment, for the administrator's
         dashboard (and anyone who pastes them into the portal)."""
         document = {"ts": iso(utcnow()), **waiting_document(awaiting_assignment(states))}
-        return [OutboxMessage(self.topics.awaiting_assignment, _json(document), retain=True)]
+        return [OutboxMessage(self.topics.awaiting_assignment, compact_json(document), retain=True)]
+
+    def response_messages(self, document: dict[str, Any]) -> list[OutboxMessage]:
+        """The answer to one MQTT command (`daemon.mqtt.commands.response_document`), not retained."""
+        return [OutboxMessage(self.topics.response, compact_json(document), retain=False)]
 
     def snapshot(self, state: PortState) -> list[OutboxMessage]:
         """Retained messages that restore a port's state on a broker that lost it."""
         return [
-            OutboxMessage(self.topics.port_state(state.ref), _json(state_document(state)), retain=True),
+            self._state(state),
             *self._mirrors(state),
         ]
