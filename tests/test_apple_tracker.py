@@ -245,12 +245,13 @@ async def test_dep_token_sees_assignment_in_batches() -> None:
         dep = DepClient(token, base_url=server.url)
         tracker = OrgTracker(abm=None, dep=dep, target="", auto_assign=False, interval=0.02)
         waiting = serials(1500)
-        async with polling(tracker):
-            waits = [asyncio.create_task(tracker.wait_assigned(s)) for s in waiting]
-            await until(lambda: dep_fake.device_requests >= 2)
-            owned.update(waiting)
-            await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
-        # one session, then two device requests (1,000 + 500) per round
-        assert dep_fake.device_requests % 2 == 0
+        waits = [asyncio.create_task(tracker.wait_assigned(s)) for s in waiting]
+        await asyncio.sleep(0)
+        await tracker.poll_once()  # nothing assigned yet
+        owned.update(waiting)
+        before = dep_fake.device_requests
+        await tracker.poll_once()
+        assert dep_fake.device_requests - before == 2  # one round: 1,000 + 500 serials
+        await asyncio.wait_for(asyncio.gather(*waits), timeout=5)
         assert dep_fake.session_requests == 1
         await dep.close()
