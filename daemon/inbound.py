@@ -112,4 +112,3 @@ class Inbound:
         return response_document(
             transaction=command.transaction, ok=ok, ref=command.ref, action=command.action, **fields
         )
-
