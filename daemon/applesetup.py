@@ -18,7 +18,7 @@ from pathlib import Path
 
 from daemon.apple.abm_client import AbmClient
 from daemon.apple.assertion import AbmCredentials
-from daemon.apple.base import AppleServiceError
+from daemon.apple.base import AppleServiceError, Pacer
 from daemon.apple.dep_client import DepClient
 from daemon.apple.dep_wire import parse_server_token
 from daemon.apple.tracker import OrgTracker
@@ -64,7 +64,7 @@ def _secret(ref: Path, key: str) -> str:
         raise ConfigError([f"{key}: {line}" for line in exc.lines]) from None
 
 
-def real_apple(config: Config) -> AppleAccess:
+def real_apple(config: Config, pace: Pacer | None = None) -> AppleAccess:
     """Clients for the configured Apple accounts; one clear line for a key or token that cannot
     be used, at startup rather than as `invalid_client` an hour later."""
     apple = config.apple
@@ -74,12 +74,12 @@ def real_apple(config: Config) -> AppleAccess:
             assert apple.private_key_file is not None
             pem = _secret(apple.private_key_file, "apple.private_key_file").encode()
             creds = AbmCredentials(apple.client_id, apple.key_id, pem, key_source=str(apple.private_key_file))
-            abm = AbmClient(creds, api_url=apple.resolved_api_url, token_url=apple.token_url)
+            abm = AbmClient(creds, api_url=apple.resolved_api_url, token_url=apple.token_url, pace=pace)
         if apple.has_dep and abm is None:
             assert apple.dep_token_file is not None
             text = _secret(apple.dep_token_file, "apple.dep_token_file")
             dep = DepClient(
-                parse_server_token(text, source=str(apple.dep_token_file)), base_url=apple.dep_url
+                parse_server_token(text, source=str(apple.dep_token_file)), base_url=apple.dep_url, pace=pace
             )
     except AppleServiceError as exc:
         raise ConfigError([exc.message]) from None
@@ -88,13 +88,15 @@ def real_apple(config: Config) -> AppleAccess:
     return AppleAccess(_tracker(config, abm, dep), abm, dep)
 
 
-def sim_apple(config: Config, world: SimWorld, desk: TechnicianDesk) -> AppleAccess:
+def sim_apple(
+    config: Config, world: SimWorld, desk: TechnicianDesk, pace: Pacer | None = None
+) -> AppleAccess:
     """The real clients against the simulated organisation, and a technician at the bench."""
     server = HttpServer(world.apple.handle)
     url = server.bind()
     # The account an administrator made once; a restarted bench keeps using it (as a real one would).
     creds = next(iter(world.apple.credentials()), None) or world.apple.new_api_account()
-    abm = AbmClient(creds, api_url=url, token_url=f"{url}/auth/oauth2/token")
+    abm = AbmClient(creds, api_url=url, token_url=f"{url}/auth/oauth2/token", pace=pace)
     assert config.sim is not None
     SimConfigurator(world, desk, delay=config.sim.configurator_delay)
     return AppleAccess(_tracker(config, abm, None), abm, servers=[server])

@@ -57,8 +57,9 @@ class StationConfig(_Model):
 
 
 class StepPolicy(_Model):
-    """How one step is run: its time budget, how often it is retried, and how many ports may run it
-    at once (restores share USB bandwidth; field reports put the practical limit near 10)."""
+    """How one step is run: its time budget, how often it is retried, and how many ports of the
+    station may run it at once (`concurrency`, across controllers; restores are also held to
+    `scheduler.restores_per_controller` on each USB controller)."""
 
     timeout: Annotated[float, Field(gt=0)]
     retries: Annotated[int, Field(ge=0, le=20)] = 2
@@ -69,13 +70,32 @@ class StepPolicy(_Model):
 def default_policies() -> dict[str, StepPolicy]:
     return {
         "detect": StepPolicy(timeout=60, retries=3, backoff=2),
-        "update": StepPolicy(timeout=3600, retries=1, backoff=30, concurrency=10),
+        "update": StepPolicy(timeout=3600, retries=1, backoff=30),
         "erase": StepPolicy(timeout=900, retries=2, backoff=10),
         # enroll waits for a person with Apple Configurator (or another way in); assign for the portal.
         "enroll": StepPolicy(timeout=3600, retries=0, backoff=0),
         "assign": StepPolicy(timeout=86400, retries=0, backoff=0),
         "setup": StepPolicy(timeout=1800, retries=2, backoff=10),
     }
+
+
+class SchedulerConfig(_Model):
+    """What heavy steps share (`daemon.workflow.scheduler`)."""
+
+    restores_per_controller: Annotated[int, Field(ge=1, le=64)] = 10
+    """Concurrent restores on one USB host controller (field reports: about 10; fewer behind deep
+    hub chains)."""
+    transfers_per_controller: Annotated[int, Field(ge=1, le=64)] = 3
+    """Restores sending their filesystem image over one controller at once: enough to keep the bus
+    busy (one USB 2 device takes most of it), few enough to stagger the restores so that one's
+    transfer overlaps the others' verifying and flashing (`daemon.workflow.scheduler`)."""
+    transfer_spacing: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    """Least seconds between two restores starting to use one controller's bus (see above)."""
+    controllers: dict[Annotated[str, Field(pattern=r"^usb[0-9]+$")], Annotated[int, Field(ge=1, le=64)]] = {}
+    """Per-controller caps that differ from `restores_per_controller`, by bus: `{ usb3 = 4 }`."""
+    apple_requests_per_second: Annotated[float, Field(gt=0, le=100)] = 5.0
+    """Every request to Apple's services waits its turn at this rate (Apple documents 429s, not a
+    number)."""
 
 
 class WorkflowConfig(_Model):
@@ -423,6 +443,16 @@ class SimConfig(_Model):
     once the station asks (`workflow.enrollment = "configurator"`)."""
     fail_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Chance that any one simulated operation fails with a transient error."""
+    restore_gb: Annotated[float, Field(ge=0, le=100)] = 6.0
+    """Gigabytes (10^9 bytes) an erase-install moves over USB (0: restores use no bandwidth)."""
+    controller_mb_s: Annotated[float, Field(gt=0, le=10000)] = 40.0
+    """Megabytes a second one USB host controller carries for all its devices (USB 2 in practice)."""
+    device_mb_s: Annotated[float, Field(gt=0, le=10000)] = 35.0
+    """Megabytes a second one device's restore takes at most."""
+    reliable_restores: Annotated[int, Field(ge=1, le=1024)] = 10
+    """Concurrent restores a controller carries reliably; beyond, `overload_failure` applies."""
+    overload_failure: Annotated[float, Field(ge=0, le=1)] = 0.3
+    """Chance that a restore starting on an overloaded controller breaks off part-way."""
 
 
 class Config(_Model):
@@ -435,6 +465,7 @@ class Config(_Model):
     devices: DevicesConfig = DevicesConfig()
     logging: LoggingConfig = LoggingConfig()
     apple: AppleConfig = AppleConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     sim: SimConfig | None = None
 
     @model_validator(mode="after")

@@ -37,17 +37,18 @@ from daemon.mqtt.publisher import MqttPublisher
 from daemon.mqtt.topics import Topics
 from daemon.sdnotify import Notifier
 from daemon.sim.demo import plug_initial
+from daemon.sim.usbbandwidth import MB, BusModel
 from daemon.sim.usbbus import SimUsbBus
 from daemon.sim.world import SimWorld, build_world
-from daemon.store import Store
+from daemon.store import Store, StoreUnavailable
 from daemon.technician import HandsRequest, TechnicianDesk
 from daemon.usb.portmap import load_port_map_if_present
 from daemon.usb.topology import Topology
 from daemon.usb.watcher import DeviceWatcher
 from daemon.workflow.actions import Action
-from daemon.workflow.limits import Limits
 from daemon.workflow.phases import Phase
 from daemon.workflow.runner import PortRunner
+from daemon.workflow.scheduler import Scheduler, controller_of
 from hubdrivers.base import Capability, HubError, LedPattern, PortEvent, PortEventKind
 
 
@@ -73,6 +74,13 @@ def build_sim_world(config: Config) -> SimWorld:
         fail_rate=sim.fail_rate,
         target_server=config.assignment_target,
         state_file=sim.state_file,
+        bus=BusModel(
+            controller_rate=sim.controller_mb_s * MB,
+            device_rate=sim.device_mb_s * MB,
+            reliable=sim.reliable_restores,
+            overload_failure=sim.overload_failure,
+        ),
+        restore_bytes=sim.restore_gb * 1e9,
     )
 
 
@@ -109,13 +117,21 @@ class Station:
         because the device backend talks to its usbmuxd socket."""
         self.desk = TechnicianDesk(self._on_hands)
         """Open requests for a person (add this device with Apple Configurator)."""
-        self.apple = sim_apple(config, world, self.desk) if world is not None else real_apple(config)
+        self.scheduler = Scheduler(
+            config.scheduler,
+            config.workflow.policy,
+            lambda ref: controller_of(self.topology.hubs[ref.hub].path_of(ref.port)),
+            time_scale=world.speed if world is not None else 1.0,
+        )
+        pace = self.scheduler.apple.wait
+        self.apple = (
+            sim_apple(config, world, self.desk, pace) if world is not None else real_apple(config, pace)
+        )
         self.services = (
             sim_services(world, self.bus, self.apple.tracker, self.desk)
             if world is not None
             else real_services(config, self.apple.tracker, self.desk)
         )
-        limits = Limits(config.workflow)
         self.supervisors = {
             hub.id: HubSupervisor(
                 hub.id,
@@ -132,7 +148,7 @@ class Station:
                 self.store,
                 self.services,
                 config.workflow,
-                limits,
+                self.scheduler,
                 power_cycle=self.supervisors[ref.hub].power_cycle,
                 on_phase=self._on_phase,
                 senses_unplug=self.supervisors[ref.hub].senses_unplug,
@@ -368,7 +384,7 @@ class Station:
         # Every log line of this station, including those of the tasks started below, names it.
         structlog.contextvars.bind_contextvars(station=self.config.station.id)
         self._forget_removed_hubs()
-        recovered = self.store.recover()
+        recovered = await self._recover()
         if recovered:
             self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
         password = read_secret(self.config.mqtt.password_file) if self.config.mqtt.password_file else None
@@ -387,9 +403,21 @@ class Station:
         finally:
             bus.close()
 
+    async def _recover(self) -> list[PortState]:
+        """`Store.recover`, waiting for the database if it does not take writes (a start while the
+        disk is full must not exit, to be restarted into the same failure by systemd until it gives
+        up); each port's record is its own transaction, so the next pass finishes the rest (and
+        returns only those)."""
+        while True:
+            try:
+                return self.store.recover()
+            except StoreUnavailable:
+                await self.store.writable()
+
     def status_line(self, publisher: MqttPublisher, unhealthy: str | None = None) -> str:
         """One line for `systemctl status` (systemd's STATUS=): hubs and ports, what the ports are
-        doing, and what the daemon is riding out by itself (broker outage, offline hubs)."""
+        doing, and what the daemon is riding out by itself (broker outage, offline hubs, a database
+        that does not take writes)."""
         counts: Counter[Phase] = Counter(state.phase for state in self.store.ports())
         counts.pop(Phase.EMPTY, None)
         busy = ", ".join(f"{counts[p]} {p.value.replace('_', ' ')}" for p in Phase if counts[p])
@@ -398,6 +426,8 @@ class Station:
         offline = [hub for hub, s in self.supervisors.items() if not s.online]
         if offline:
             parts.append(f"offline: {', '.join(offline)}")
+        if self.store.failing is not None:
+            parts.append(f"database: {self.store.failing}, ports paused until it takes writes")
         if not publisher.connected:
             error = publisher.last_error
             parts.append(f"MQTT down ({error}), retrying" if error else "MQTT connecting")

@@ -13,13 +13,25 @@ must not fill the disk. Retained messages are one per topic (an unsent one is re
 so they are bounded by the number of ports and are never dropped: the latest state of every port
 always reaches the broker. Beyond the limit the oldest *events* go first, and how many were dropped
 is counted in `meta` (`outbox_dropped`), so the loss is visible after a restart, not only in a log.
+
+A write can fail for reasons that pass: another process holds the write lock (a backup, `sqlite3`
+left in a transaction), the disk is full, an I/O error. Such a write raises `StoreUnavailable` after
+rolling back, so nothing of it was written and the caller can retry it as it is. Callers that cannot
+wait do not have to: station-level writes (hub status, station messages, acks) are kept in memory
+and written once the database recovers, and progress is skipped (the next update replaces
+it). The store reports the episode once when it starts (an `error` log line, `failing`, the health
+listeners) and once when it ends, and probes the database meanwhile, so that the episode ends even on
+an idle bench. Why the busy timeout is short: see `BUSY_TIMEOUT`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -48,6 +60,34 @@ DEFAULT_OUTBOX_LIMIT: Final = 100_000
 """Same default as `MqttConfig.outbox_limit`, for stores opened without a config (tools, tests)."""
 
 _DROPPED_KEY: Final = "outbox_dropped"
+
+BUSY_TIMEOUT: Final = 0.2
+"""Seconds a write waits for another connection's lock before it raises `StoreUnavailable`.
+
+Short on purpose: SQLite waits synchronously, on the event loop thread, so a long wait would stall
+every port, the MQTT keepalive and the watchdog at once. A lock held longer is waited out
+asynchronously by whoever retries the write (the port runner, the store's own probe)."""
+OPEN_BUSY_TIMEOUT: Final = 5.0
+"""Seconds opening the database may wait for a lock: nothing else runs yet, so nothing stalls."""
+PROBE_FIRST: Final = 0.2
+PROBE_MAX: Final = 2.0
+"""Seconds between the store's own write probes while it fails: doubling from the first to the most.
+A probe does not wait for a lock (it would stall the loop for nothing), so probing often is cheap and
+a freed disk or released lock is noticed within `PROBE_MAX`."""
+_PROBE_BYTES: Final = 65536
+_TRANSIENT: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+"""Primary result codes of failures that pass (locks, space, I/O); any other error is a bug."""
 
 log = structlog.get_logger("benchhub.store")
 
@@ -96,6 +136,19 @@ class StoreError(Exception):
     """The database cannot be opened or used (wrong file, newer schema, disk full)."""
 
 
+class StoreUnavailable(StoreError):
+    """A write failed for a reason that passes (locked by another process, disk full, I/O error).
+
+    The transaction was rolled back: nothing of the write is in the database, so retrying the same
+    write later neither loses nor doubles anything. The message is SQLite's own text."""
+
+
+def transient(exc: sqlite3.Error) -> bool:
+    """Whether `exc` is a failure that passes by itself or once a person frees space or a lock."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _TRANSIENT
+
+
 def _ts(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -135,6 +188,18 @@ class Store:
         self._dropped_in_flight: set[int] = set()
         """Events dropped after the publisher had read them: if it acks one, it was delivered after
         all and is taken off the dropped count, which thus counts only events the broker never got."""
+        self._failing: str | None = None
+        self._failing_since: datetime | None = None
+        self._failing_started = 0.0
+        self._failed_writes = 0
+        self._health_listeners: list[Callable[[], None]] = []
+        self._deferred: list[Callable[[], None]] = []
+        """Station-level writes that failed, in order, to be written after the next one that succeeds."""
+        self._unacked: set[int] = set()
+        """Outbox rows the broker confirmed whose deletion failed: never handed out again."""
+        self._probe: asyncio.TimerHandle | None = None
+        self._probe_delay = PROBE_FIRST
+        self._waiters: list[asyncio.Future[None]] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -142,9 +207,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a transition that was reported as recorded survives a power cut, not only a crash.
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(f"PRAGMA busy_timeout={int(OPEN_BUSY_TIMEOUT * 1000)}")
             self._db.executescript(_SCHEMA)
             self._check_schema()
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot be used as the benchhub database ({exc})") from None
         except OSError as exc:
@@ -160,11 +226,153 @@ class Store:
             )
 
     def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        if self._deferred or self._unacked:
+            log.error(
+                "store_closed_with_unwritten_writes",
+                writes=len(self._deferred),
+                unacked=len(self._unacked),
+                error=self._failing,
+            )
         self._db.close()
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every commit that added outbox messages (the publisher's wake-up)."""
         self._listeners.append(listener)
+
+    def on_health_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` when writes start failing and when they work again (see `failing`)."""
+        self._health_listeners.append(listener)
+
+    # ---------------------------------------------------------------- health
+
+    @property
+    def failing(self) -> str | None:
+        """Why writes fail right now (SQLite's text, e.g. "database is locked"), or None when they work."""
+        return self._failing
+
+    @property
+    def failing_since(self) -> datetime | None:
+        """When the current failure began (UTC), or None."""
+        return self._failing_since
+
+    def _failed(self, exc: sqlite3.Error, what: str) -> StoreUnavailable:
+        """Count a failed write; the first of an episode (or a new cause) is logged as an error, the
+        rest only counted, so an hour of a full disk is one line, not one per retry."""
+        error = str(exc)
+        self._failed_writes += 1
+        if self._failing != error:
+            log.error(
+                "store_unavailable",
+                error=error,
+                write=what,
+                hint="writes are retried; ports pause until the database takes them again",
+            )
+            if self._failing is None:
+                self._failing_since, self._failing_started = utcnow(), time.monotonic()
+            self._failing = error
+            self._health_changed()
+        self._schedule_probe()
+        return StoreUnavailable(error)
+
+    def _succeeded(self) -> None:
+        if self._failing is None:
+            return
+        log.warning(
+            "store_recovered",
+            error=self._failing,
+            seconds=round(time.monotonic() - self._failing_started, 1),
+            failed_attempts=self._failed_writes,
+        )
+        self._failing, self._failing_since, self._failed_writes = None, None, 0
+        self._probe_delay = PROBE_FIRST
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._health_changed()
+        self._flush_deferred()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def writable(self) -> None:
+        """Return once writes work again; at once when they do.
+
+        This is how a writer that must not give up (a port's transition) waits: one probe (see
+        `_run_probe`) tries the database, with backoff, on behalf of every waiting writer, rather
+        than each of them stalling the event loop for `BUSY_TIMEOUT` on its own attempts. A writable
+        database can fail again at the next write (a disk that filled up anew): the writer then
+        simply waits again."""
+        if self._failing is None:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._schedule_probe()
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _health_changed(self) -> None:
+        for listener in self._health_listeners:
+            listener()
+
+    def _schedule_probe(self) -> None:
+        """Try a write again later even if nobody else does, so an idle bench notices the recovery
+        (and writes what was deferred). Only with a running event loop (not in tools)."""
+        if self._probe is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._probe = loop.call_later(self._probe_delay, self._run_probe)
+        self._probe_delay = min(self._probe_delay * 2, PROBE_MAX)
+
+    def _run_probe(self) -> None:
+        """Write and delete 64 KiB in one transaction: it needs the write lock and new pages, so it
+        fails like the real writes did (locked, full, I/O) and succeeds only when they would."""
+        self._probe = None
+        if self._failing is None:
+            return
+        self._db.execute("PRAGMA busy_timeout=0")
+        try:
+            with contextlib.suppress(StoreUnavailable), self._tx("probe"):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('write_probe', zeroblob(?))", (_PROBE_BYTES,)
+                )
+                self._db.execute("DELETE FROM meta WHERE key = 'write_probe'")
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+
+    def _flush_deferred(self) -> None:
+        """Write what failed earlier, oldest first; stop at the first failure (it stays queued)."""
+        if self._unacked:
+            with contextlib.suppress(StoreUnavailable):
+                self.ack(sorted(self._unacked))
+        while self._deferred and self._failing is None:
+            write = self._deferred[0]
+            try:
+                write()
+            except StoreUnavailable:
+                return
+            except Exception:  # a bug in one deferred write must not fail the write that succeeded
+                log.exception("deferred_write_failed")
+            self._deferred.pop(0)
+
+    def _or_later(self, write: Callable[[], None]) -> None:
+        """Run `write` now, or (the store failing) once the database recovers (the probe)."""
+        if self._failing is None or not self._deferred:
+            try:
+                write()
+            except StoreUnavailable:
+                self._deferred.append(write)
+            return
+        self._deferred.append(write)  # behind the earlier ones, to keep their order
 
     def _notify(self) -> None:
         for listener in self._listeners:
@@ -175,7 +383,7 @@ class Store:
     def ensure_ports(self, refs: Iterable[PortRef]) -> None:
         """Create rows for configured ports that the database has not seen yet."""
         now = iso(utcnow())
-        with self._tx():
+        with self._tx("ports"):
             for ref in refs:
                 self._db.execute(
                     "INSERT OR IGNORE INTO ports (hub, port, phase, since, updated) VALUES (?,?,?,?,?)",
@@ -268,7 +476,7 @@ class Store:
     def record(self, t: Transition) -> PortState:
         """Apply one transition atomically; raises `IllegalTransition` for a move the table forbids."""
         now = utcnow()
-        with self._tx():
+        with self._tx(f"transition {t.ref} -> {t.to.value}"):
             before = self.port(t.ref)
             check_transition(before.phase, t.to)
             device = t.device
@@ -386,8 +594,14 @@ class Store:
         )
 
     def set_progress(self, ref: PortRef, progress: int | None, detail: str | None = None) -> PortState:
-        """Progress within a phase: updates the port and publishes its state, but is not history."""
-        with self._tx():
+        """Progress within a phase: updates the port and publishes its state, but is not history.
+
+        While the store is failing this raises `StoreUnavailable` without touching SQLite: progress
+        is worth no stalled event loop (each attempt may wait `BUSY_TIMEOUT`), and the next update
+        replaces it anyway."""
+        if self._failing is not None:
+            raise StoreUnavailable(self._failing)
+        with self._tx(f"progress {ref}"):
             before = self.port(ref)
             after = PortState(
                 ref=ref,
@@ -409,24 +623,35 @@ class Store:
         return after
 
     def set_hub_status(self, hub: str, online: bool) -> None:
-        """Whether the station can talk to the hub; kept so a reconnecting publisher can restore it."""
-        with self._tx():
-            self._db.execute(
-                "INSERT INTO hubs VALUES (?,?,?) ON CONFLICT(hub) DO UPDATE SET"
-                " online=excluded.online, updated=excluded.updated",
-                (hub, int(online), iso(utcnow())),
-            )
-            if self._renderer is not None:
-                self._enqueue(self._renderer.hub_messages(hub, online))
-        self._notify()
+        """Whether the station can talk to the hub; kept so a reconnecting publisher can restore it.
+        Never raises `StoreUnavailable`: written later if need be (see `_or_later`)."""
+        now = iso(utcnow())
+
+        def write() -> None:
+            with self._tx(f"hub status {hub}"):
+                self._db.execute(
+                    "INSERT INTO hubs VALUES (?,?,?) ON CONFLICT(hub) DO UPDATE SET"
+                    " online=excluded.online, updated=excluded.updated",
+                    (hub, int(online), now),
+                )
+                if self._renderer is not None:
+                    self._enqueue(self._renderer.hub_messages(hub, online))
+            self._notify()
+
+        self._or_later(write)
 
     def forget_hubs(self, hubs: Iterable[str], messages: Sequence[OutboxMessage]) -> None:
         """Hubs that left the config: their rows go, and `messages` (clearing what the broker
-        retains about them) are queued in the same transaction."""
-        with self._tx():
-            self._db.executemany("DELETE FROM hubs WHERE hub = ?", [(hub,) for hub in hubs])
-            self._enqueue(messages)
-        self._notify()
+        retains about them) are queued in the same transaction. Written later if need be."""
+        gone = [(hub,) for hub in hubs]
+
+        def write() -> None:
+            with self._tx("forget hubs"):
+                self._db.executemany("DELETE FROM hubs WHERE hub = ?", gone)
+                self._enqueue(messages)
+            self._notify()
+
+        self._or_later(write)
 
     def hub_statuses(self) -> dict[str, bool]:
         return {r["hub"]: bool(r["online"]) for r in self._db.execute("SELECT * FROM hubs ORDER BY hub")}
@@ -455,10 +680,17 @@ class Store:
     # ---------------------------------------------------------------- outbox
 
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
-        """Queue station-level messages (not tied to a port transition) for the publisher."""
-        with self._tx():
-            self._enqueue(messages)
-        self._notify()
+        """Queue station-level messages (not tied to a port transition) for the publisher; written
+        later, in order, if the store is failing (they are not history: a crash meanwhile loses them,
+        and the station republishes its retained state on every connect anyway)."""
+        batch = list(messages)
+
+        def write() -> None:
+            with self._tx("station messages"):
+                self._enqueue(batch)
+            self._notify()
+
+        self._or_later(write)
 
     def _enqueue(self, messages: Sequence[OutboxMessage]) -> None:
         """Queue messages. A retained message replaces any unsent one on the same topic: the broker
@@ -534,7 +766,10 @@ class Store:
     def outbox(self, limit: int = 100) -> list[OutboxRow]:
         """The oldest `limit` messages, for the publisher. It acks what the broker confirmed before it
         reads again, so rows of an earlier read that were dropped and not acked were never delivered."""
-        rows = self._db.execute("SELECT * FROM outbox ORDER BY id LIMIT ?", (limit,)).fetchall()
+        rows = self._db.execute(
+            "SELECT * FROM outbox ORDER BY id LIMIT ?", (limit + len(self._unacked),)
+        ).fetchall()
+        rows = [r for r in rows if r["id"] not in self._unacked][:limit]
         self._dropped_in_flight.clear()
         if rows:
             self._read_up_to = max(self._read_up_to, int(rows[-1]["id"]))
@@ -549,14 +784,23 @@ class Store:
     def ack(self, ids: Sequence[int]) -> None:
         """Forget messages the broker has acknowledged. An event dropped after the publisher read it
         (the outbox overflowed meanwhile) is gone already; it reached the broker, so it is taken off
-        the dropped count."""
+        the dropped count.
+
+        Never raises `StoreUnavailable`: rows whose deletion failed are not handed out by `outbox()`
+        again (the broker has them) and are deleted once the database recovers; a crash
+        meanwhile sends them once more, which QoS 1 allows."""
         delivered = self._dropped_in_flight.intersection(ids)
-        with self._tx():
-            count = self._current_outbox_count()
-            count -= self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids]).rowcount
-            self._outbox_count = count
-            if delivered:
-                self._count_dropped(-len(delivered))
+        try:
+            with self._tx("outbox ack"):
+                count = self._current_outbox_count()
+                count -= self._db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids]).rowcount
+                self._outbox_count = count
+                if delivered:
+                    self._count_dropped(-len(delivered))
+        except StoreUnavailable:
+            self._unacked.update(ids)
+            return
+        self._unacked.difference_update(ids)
         self._dropped_in_flight -= delivered
         if self._dropping and count == 0:
             # Drained: the outage (or burst) is over; the next overflow is a new episode, warned again.
@@ -564,8 +808,23 @@ class Store:
             self._dropping = False
             self._episode_dropped = 0
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._after_rollback)
+    @contextlib.contextmanager
+    def _tx(self, what: str) -> Iterator[None]:
+        """One write transaction (`what` names it for the log). A transient failure (`transient`)
+        becomes `StoreUnavailable` and counts towards the store's health. Only the probe's success
+        ends the episode: it needs the write lock *and* new pages, while an ordinary write that
+        happens to succeed may have needed neither (a row updated in place on a full disk), and
+        ending the episode on it would make the health flap. Nested use joins the outer transaction."""
+        outer = not self._db.in_transaction
+        try:
+            with _Transaction(self._db, self._after_rollback):
+                yield
+        except sqlite3.Error as exc:
+            if not outer or not transient(exc):
+                raise
+            raise self._failed(exc, what) from exc
+        if outer and what == "probe":
+            self._succeeded()
 
     def _after_rollback(self) -> None:
         """The in-memory outbox figures may describe rows that never were: count again next time, and

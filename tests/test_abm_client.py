@@ -652,3 +652,24 @@ def test_a_real_wall_clock_is_the_default() -> None:
     creds = FakeAppleBusiness().new_api_account()
     claims = jwt.decode(make_client_assertion(creds, time.time()), options={"verify_signature": False})
     assert abs(claims["iat"] - time.time()) < 5
+
+
+async def test_every_request_waits_for_the_stations_pace(org: Org) -> None:
+    """The token request and every API call pass the pacer first, so one rate covers them all."""
+    paced: list[str] = []
+
+    async def pace(request: httpx.Request) -> None:
+        paced.append(request.url.path)
+
+    async with AbmClient(
+        org.creds,
+        api_url=org.server.url,
+        token_url=org.server.url + "/auth/oauth2/token",
+        clock=org.clock,
+        pace=pace,
+    ) as client:
+        await client.mdm_servers()
+        await client.org_device("NOPE0000000")
+        assert paced == [r.path for r in org.seen]
+        assert len(paced) == client.requests >= 3
+        assert paced[0] == "/auth/oauth2/token"

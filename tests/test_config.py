@@ -41,7 +41,8 @@ def test_minimal_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None
     config = load_config(write(tmp_path, MINIMAL))
     assert config.station.id == "bench-1"
     assert config.workflow.steps == ("update", "erase", "enroll", "assign", "setup")
-    assert config.workflow.policy_for("update").concurrency == 10
+    assert config.workflow.policy_for("update").concurrency is None  # capped per controller instead
+    assert config.scheduler.restores_per_controller == 10
     assert config.storage.path == tmp_path / "benchhub.sqlite3"
     assert config.mqtt.embedded
 
@@ -49,7 +50,7 @@ def test_minimal_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None
 def test_policy_override_keeps_other_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL + "\n[workflow.policy.update]\ntimeout = 10\n"))
     update = config.workflow.policy_for("update")
-    assert (update.timeout, update.retries, update.concurrency) == (10, 1, 10)
+    assert (update.timeout, update.retries, update.backoff) == (10, 1, 30)
 
 
 BAD = [

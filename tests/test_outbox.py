@@ -17,14 +17,14 @@ from typing import Any, cast
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.config import WorkflowConfig
+from daemon.config import SchedulerConfig, WorkflowConfig
 from daemon.models import PortRef, Transition
 from daemon.mqtt.payloads import PayloadRenderer
 from daemon.mqtt.topics import Topics
 from daemon.store import Store
-from daemon.workflow.limits import Limits
 from daemon.workflow.phases import Phase
 from daemon.workflow.runner import PortRunner
+from daemon.workflow.scheduler import Scheduler
 from daemon.workflow.steps.base import Services
 
 TOPICS = Topics("benchhub", "s1")
@@ -209,7 +209,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-def test_a_burst_of_progress_is_throttled_and_a_phase_change_is_not(tmp_path: Path, clock: FakeClock) -> None:
+async def test_a_burst_of_progress_is_throttled_and_a_phase_change_is_not(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     """1,000 progress reports from a restore (the backend may report every block) reach the store,
     and so the outbox and the broker, as a handful of updates; the transition that follows is
     recorded at once. Driven through the callback the runner hands to steps (`ctx.progress`)."""
@@ -217,9 +219,15 @@ def test_a_burst_of_progress_is_throttled_and_a_phase_change_is_not(tmp_path: Pa
     ref = PORTS[0]
     store.ensure_ports([ref])
     workflow = WorkflowConfig()
-    runner = PortRunner(ref, store, cast(Services, None), workflow, Limits(workflow))
-    runner._record(Phase.DETECTED, step="detect")
-    runner._record(Phase.UPDATING, step="update", attempt=1)
+    runner = PortRunner(
+        ref,
+        store,
+        cast(Services, None),
+        workflow,
+        Scheduler(SchedulerConfig(), workflow.policy, lambda ref: "usb1"),
+    )
+    await runner._record(Phase.DETECTED, step="detect")
+    await runner._record(Phase.UPDATING, step="update", attempt=1)
     report = runner._report_progress  # what steps receive as `ctx.progress`
     start = store.port(ref).seq
 
@@ -241,7 +249,8 @@ def test_a_burst_of_progress_is_throttled_and_a_phase_change_is_not(tmp_path: Pa
     assert store.port(ref).progress == 100
 
     # The phase change right after, in the same instant: never throttled, with its event queued.
-    erasing = runner._record(Phase.ERASING, step="erase", attempt=1)
+    erasing = await runner._record(Phase.ERASING, step="erase", attempt=1)
+    assert erasing is not None
     assert store.port(ref).phase is Phase.ERASING
     assert erasing.seq == before + writes + 1
     events = [json.loads(r.message.payload) for r in store.outbox(limit=1_000) if not r.message.retain]

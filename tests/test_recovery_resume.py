@@ -191,7 +191,8 @@ async def test_a_device_left_in_recovery_when_the_daemon_stopped_is_restored_aft
         await eventually(lambda: station.store.port(A1).phase is Phase.DONE, what="done after the restart")
         rows = station.store.history(ref=A1)
         stopped = [r for r in rows if r.phase is Phase.INTERRUPTED]
-        assert [(r.step, r.detail) for r in stopped] == [("update", "daemon stopped during update")]
+        assert [r.step for r in stopped] == ["update"]
+        assert (stopped[0].detail or "").startswith("daemon stopped during update")
         resumed = [r for r in rows if r.detail and "resuming its restore" in r.detail]
         assert len(resumed) == 1
         assert resumed[0].phase is Phase.DETECTED

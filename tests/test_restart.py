@@ -12,8 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from daemon.config import load_config
-from daemon.sim.devices import SimDevice
+from daemon.ios.base import DeviceMode
+from daemon.models import PortRef
+from daemon.sim.devices import SimDevice, make_device
 from daemon.station import build_sim_world
+from daemon.store import Store
 from daemon.workflow.phases import RUNNING, Phase
 from tests.conftest import eventually, running, station_config
 from tests.mqtt_broker import Mosquitto
@@ -27,6 +30,50 @@ def assert_no_unsafe_effect_twice(devices: list[SimDevice]) -> None:
             assert device.completed[op] <= 1, (device.serial, op, dict(device.completed))
         assert device.completed["enroll"] == 1
         assert device.completed["setup"] == 1
+
+
+async def test_a_restore_in_flight_at_a_stop_is_handed_over_and_done_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """SIGTERM (a clean stop) while a restore sends its filesystem: the restore is cut off, the
+    history says where it stopped, and the next start restores the device once more, to the end."""
+    a1 = PortRef("hub-a", 1)
+    config = station_config(
+        tmp_path,
+        mosquitto,
+        devices=0,
+        speed=200,
+        workflow={"minimum_ios": "18.0", "steps": ["update", "erase"]},
+        sim={"restore_gb": 1.0},
+    )
+    world = build_sim_world(config)
+    device = make_device(seed=3, index=0, minimum_major=18)
+    device.ios_version, device.build = "17.0", "21A329"
+    async with running(config, world) as station:
+        world.plug(a1, device)
+
+        def sending() -> bool:
+            state = station.store.port(a1)
+            return state.phase is Phase.UPDATING and (state.progress or 0) >= 10
+
+        await eventually(sending, "a restore sending its filesystem")
+    store = Store(config.storage.path)
+    rows = store.history(ref=a1)
+    store.close()
+    stop = rows[-1]
+    assert (stop.phase, stop.step, stop.actor) == (Phase.INTERRUPTED, "update", "recovery")
+    assert (stop.detail or "").startswith("daemon stopped during update; last progress: ")
+    assert "sending filesystem" in (stop.detail or "")
+    assert stop.extra["progress"] >= 10
+    # Cut off before its final reboot, the device boots back into its old system.
+    assert (device.mode, device.ios_version, device.completed["update"]) == (DeviceMode.NORMAL, "17.0", 0)
+
+    async with running(config, world) as station:
+        await eventually(lambda: station.store.port(a1).phase is Phase.DONE, "restored after the restart")
+        after = station.store.history(ref=a1)[len(rows) :]
+    assert [r.phase for r in after][:2] == [Phase.DETECTED, Phase.UPDATING]
+    assert (device.started["update"], device.completed["update"]) == (2, 1)
+    assert device.ios_version != "17.0"
 
 
 async def test_stop_mid_run_and_restart_finishes_every_device(tmp_path: Path, mosquitto: Mosquitto) -> None:

@@ -26,6 +26,7 @@ import structlog
 from daemon import __version__
 from daemon.apple import abm_wire as wire
 from daemon.apple.assertion import DEFAULT_ASSERTION_LIFETIME, AbmCredentials, make_client_assertion
+from daemon.apple.base import Pacer
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +55,10 @@ class AbmClient:
         timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         assertion_lifetime: float = DEFAULT_ASSERTION_LIFETIME,
+        pace: Pacer | None = None,
     ) -> None:
+        """`pace`: awaited before every request (token requests too), so all of a station's calls to
+        Apple share one rate (`daemon.workflow.scheduler.RateLimiter`)."""
         self.creds = creds
         default_api = BUSINESS_API_URL if creds.scope == "business.api" else SCHOOL_API_URL
         self.api_url = (api_url or default_api).rstrip("/")
@@ -65,6 +69,7 @@ class AbmClient:
             transport=transport,
             timeout=timeout,
             headers={"User-Agent": f"benchhub/{__version__}", "Accept": "application/json"},
+            event_hooks={"request": [pace]} if pace is not None else None,
         )
         self._token: str | None = None
         self._token_expires = 0.0

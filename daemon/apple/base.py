@@ -9,6 +9,13 @@ technician (`daemon.technician`) and watches the result arrive through Apple's A
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+Pacer = Callable[[httpx.Request], Awaitable[None]]
+"""Awaited before each request to Apple: how a station keeps all its calls under one rate."""
+
 
 class AppleServiceError(Exception):
     """Apple's services said no, or could not be reached. `retryable` errors are waited out."""

@@ -17,6 +17,7 @@ import httpx
 import structlog
 
 from daemon import __version__
+from daemon.apple.base import Pacer
 from daemon.apple.dep_wire import (
     DEFAULT_BASE_URL,
     MAX_DEVICES_PER_REQUEST,
@@ -58,11 +59,15 @@ class DepClient:
         nonce: Callable[[], str] = lambda: secrets.token_hex(16),
         batch_size: int = MAX_DEVICES_PER_REQUEST,
         timeout: float = 30.0,
+        pace: Pacer | None = None,
     ) -> None:
+        """`pace`: awaited before every request of a client made here (see `AbmClient`)."""
         self._token = token
         self._base_url = base_url.rstrip("/")
         self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(timeout=timeout)
+        self._http = http or httpx.AsyncClient(
+            timeout=timeout, event_hooks={"request": [pace]} if pace is not None else None
+        )
         self._clock = clock
         self._nonce = nonce
         self._batch_size = batch_size

@@ -6,8 +6,10 @@ cfgutil. Steps see only this protocol and typed errors, so the workflow is the s
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -97,6 +99,27 @@ class SetupPlan:
 
 ProgressFn = Callable[[int | None, str | None], None]
 """`progress(percent or None, detail or None)`: called by long operations; must not block."""
+
+_transfer_done: ContextVar[Callable[[], None] | None] = ContextVar("benchhub_transfer_done", default=None)
+
+
+@contextlib.contextmanager
+def on_transfer_done(callback: Callable[[], None]) -> Iterator[None]:
+    """While the body runs, a restore that reports the end of its bulk transfer calls `callback`
+    (the scheduler's lease: the controller's bus is free for the next restore while this one
+    verifies and flashes on the device)."""
+    token = _transfer_done.set(callback)
+    try:
+        yield
+    finally:
+        _transfer_done.reset(token)
+
+
+def transfer_listener() -> Callable[[], None]:
+    """What a restore calls, once, when its filesystem image has crossed USB (a no-op where nobody
+    listens). Backends take it when the restore starts: tasks they spawn inherit the context, but
+    callbacks from elsewhere would not."""
+    return _transfer_done.get() or (lambda: None)
 
 
 class DeviceError(Exception):

@@ -32,7 +32,7 @@ from typing import Final, Protocol
 
 import structlog
 
-from daemon.ios.base import DeviceError, DeviceMode, ProgressFn
+from daemon.ios.base import DeviceError, DeviceMode, ProgressFn, transfer_listener
 from daemon.ios.restore_protocol import (
     RETRYABLE,
     EventDecoder,
@@ -256,6 +256,10 @@ class _Run:
     ) -> None:
         self.request = request
         self.progress = progress
+        self.transfer_done = transfer_listener()
+        self.imaging = False
+        """In pymobiledevice3's `RESTORE_IMAGE` operation (the filesystem crossing USB, via ASR): the
+        next operation means the bulk transfer is over."""
         self.on_event = on_event
         self.log = log.bind(ecid=request.ecid)
         self.decoder = EventDecoder()
@@ -385,8 +389,13 @@ class _Run:
                 self.garbage += 1
                 self.log.warning("restore_worker_garbage", reason=reason, line=line)
                 return
-            case ProgressEvent(step, _operation, percent):
+            case ProgressEvent(step, operation, percent):
                 self.last_step = step
+                if operation == "RESTORE_IMAGE":
+                    self.imaging = True
+                elif self.imaging and operation is not None:
+                    self.imaging = False
+                    self.transfer_done()
                 self._progress(percent, step)
             case ModeEvent(mode):
                 self.modes.append(mode)

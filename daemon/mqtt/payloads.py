@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from daemon.config import DEFAULT_COLORS
@@ -56,6 +57,11 @@ def event_document(state: PortState, transition: Transition, from_phase: Phase) 
         "seq": state.seq,
         "ts": iso(state.updated),
     }
+
+
+def health_payload(failing: str | None, since: datetime | None) -> bytes:
+    """`…/health` (docs/mqtt.md): whether the database takes writes, and if not why and since when."""
+    return compact_json({"ok": failing is None, "database": failing, "since": iso(since) if since else None})
 
 
 def compact_json(doc: dict[str, Any]) -> bytes:

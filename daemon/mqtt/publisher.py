@@ -32,7 +32,7 @@ import structlog
 from daemon.backoff import backoff_delay
 from daemon.config import MqttConfig, TlsConfig, read_secret
 from daemon.models import OutboxMessage
-from daemon.mqtt.payloads import PayloadRenderer
+from daemon.mqtt.payloads import PayloadRenderer, health_payload
 from daemon.mqtt.topics import Topics
 from daemon.store import Store
 
@@ -116,7 +116,9 @@ class MqttPublisher:
         self._published = 0
         self._last_error: str | None = None
         self._tls: ssl.SSLContext | None = None  # built once, off the event loop (it reads files)
+        self._health_sent: bytes | None = None
         store.subscribe(self._wake)
+        store.on_health_change(self._wake)
 
     # ------------------------------------------------------------ status
 
@@ -249,6 +251,8 @@ class MqttPublisher:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         await self._publish_status(client, ONLINE)
+        self._health_sent = None  # the broker may have forgotten it
+        await self._publish_health(client)
         if self._subscriptions:
             await client.subscribe([(topic, 1) for topic in self._subscriptions], timeout=CALL_TIMEOUT)
         await self._publish_loop(client)
@@ -279,7 +283,17 @@ class MqttPublisher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            await self._publish_health(client)
             await self._drain(client)
+
+    async def _publish_health(self, client: aiomqtt.Client) -> None:
+        """The store's health (`…/health`), retained, when it changed. Straight to the broker, not
+        through the outbox: the outbox lives in the database whose failure it reports, so the news
+        would arrive only once it was over."""
+        payload = health_payload(self._store.failing, self._store.failing_since)
+        if payload != self._health_sent:
+            await client.publish(self._topics.health, payload, qos=1, retain=True, timeout=CALL_TIMEOUT)
+            self._health_sent = payload
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         """Publish the outbox in id order, acking each batch's confirmed prefix, until it is empty.

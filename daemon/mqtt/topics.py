@@ -22,6 +22,11 @@ class Topics:
         return f"{self.base}/status"
 
     @property
+    def health(self) -> str:
+        """Retained JSON: whether the station's database takes writes (sent around the outbox)."""
+        return f"{self.base}/health"
+
+    @property
     def awaiting_assignment(self) -> str:
         """Retained list of serials waiting for MDM assignment in Apple Business Manager."""
         return f"{self.base}/apple/awaiting_assignment"

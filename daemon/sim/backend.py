@@ -7,6 +7,7 @@ Durations are seconds of real life, run `speed` times faster.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
 
 from daemon.ios.base import (
@@ -19,18 +20,24 @@ from daemon.ios.base import (
     SetupPlan,
     UnexpectedReplyError,
     UpdateTarget,
+    transfer_listener,
 )
 from daemon.models import PortRef
 from daemon.sim.catalog import MODELS_BY_TYPE, RELEASES, major
 from daemon.sim.devices import SimDevice
 from daemon.sim.faults import Fault, FaultKind
+from daemon.sim.usbbandwidth import OverloadError
 from daemon.sim.world import SimWorld
 from daemon.usb.apple import parse_ecid
 from daemon.versions import parse_version
+from daemon.workflow.scheduler import controller_of
 
 DURATIONS: Final[dict[str, float]] = {
     "detect": 3.0,
-    "update": 900.0,  # download-free restore from a cached IPSW over USB 2: about 15 minutes
+    # A restore from a cached IPSW, on the device's side (ramdisk boot, verifying, flashing, the
+    # baseband, the reboot); the filesystem image crossing USB comes on top, at the speed its
+    # controller allows (`daemon.sim.usbbandwidth`): about 11 minutes in all, alone on a USB 2 bus.
+    "update": 480.0,
     "erase": 150.0,
     "enroll": 25.0,
     "setup": 90.0,
@@ -93,13 +100,17 @@ class SimOps:
         *,
         ticks: int = 1,
         fault: Fault | Literal["take"] | None = "take",
+        prelude: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Spend the operation's simulated time, raising where a fault says so (the fault for this
-        operation and port, unless the caller took it already)."""
+        operation and port, unless the caller took it already). `prelude` runs first, once the
+        operation counts as started (a restore's transfer)."""
         if fault == "take":
             fault = self.world.take_fault(op, ref)
         device.started[op] += 1
         self.world.save()
+        if prelude is not None:
+            await prelude()
         duration = DURATIONS[op]
         if fault is not None and fault.kind is FaultKind.SLOW:
             duration *= fault.factor
@@ -198,14 +209,29 @@ class SimDeviceBackend:
             progress(0, "entering recovery mode")
             self.world.reenumerate(device, DeviceMode.RECOVERY)
 
-        def restoring(percent: int | None, _detail: str | None) -> None:
+        moves = self.world.usb is not None and self.world.restore_bytes > 0
+        base = 50 if moves else 0  # the share of the progress bar the transfer takes
+
+        def ramdisk_booted() -> None:
             if device.mode is DeviceMode.RECOVERY and self.world.port_of(device.ecid) == ref:
                 # iBoot has booted the restore ramdisk: back on usbmuxd as `restored`, new DeviceID.
                 self.world.reenumerate(device, DeviceMode.RESTORE)
-            progress(percent, "restoring")
+
+        def restoring(percent: int | None, _detail: str | None) -> None:
+            ramdisk_booted()
+            progress(None if percent is None else base + percent * (100 - base) // 100, "restoring")
+
+        def sending(fraction: float) -> None:
+            ramdisk_booted()
+            progress(int(base * fraction), "sending filesystem")
+
+        async def transfer() -> None:
+            await self._transfer(device, ref, sending)
 
         try:
-            await self.ops.run("update", device, ref, restoring, ticks=20, fault=fault)
+            await self.ops.run(
+                "update", device, ref, restoring, ticks=20, fault=fault, prelude=transfer if moves else None
+            )
         except SimulatedFault:
             # A restore that fails part-way leaves the device in Recovery, as real ones do: it needs
             # a person (or another restore, found by ECID), and cannot say what version it has.
@@ -225,6 +251,10 @@ class SimDeviceBackend:
             if self.world.port_of(device.ecid) == ref:
                 self.world.reappear(device)
             raise
+        await self._restored(device, target, erase=erase)
+
+    async def _restored(self, device: SimDevice, target: UpdateTarget, *, erase: bool) -> None:
+        """The restore completed: the new system boots, back on the host at Setup Assistant."""
         device.mode = DeviceMode.NORMAL
         device.ios_version, device.build = target.version, target.build
         if erase:  # an erase-install: the erase's effect took place too
@@ -240,6 +270,26 @@ class SimDeviceBackend:
             await self.world.until_on_host(device)
         except TimeoutError:
             raise DeviceGoneError(f"device {device.serial} did not come back after the restore") from None
+
+    async def _transfer(self, device: SimDevice, ref: PortRef, progress: Callable[[float], None]) -> None:
+        """The filesystem image crossing the port's USB controller, shared with every other restore
+        on it; breaking off there fails the restore part-way (the device stays in Recovery)."""
+        assert self.world.usb is not None
+        controller = self.world.usb.controller(controller_of(self.world.usb_path(ref)))
+
+        def moved(fraction: float) -> None:
+            if self.world.port_of(device.ecid) != ref:
+                raise DeviceGoneError(f"device {device.serial} was disconnected during update")
+            progress(fraction)
+
+        done = transfer_listener()
+        await self.world.sleep(30.0)  # the restore ramdisk boots
+        moved(0.0)
+        try:
+            await controller.transfer(self.world.restore_bytes, moved, tick=10.0)
+        except OverloadError as exc:
+            raise SimulatedFault(f"update: {exc}") from None
+        done()
 
     async def erase(self, udid: str) -> None:
         device, ref = self.ops.locate(udid)

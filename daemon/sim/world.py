@@ -22,6 +22,7 @@ from daemon.models import PortRef
 from daemon.sim.apple import FakeAppleBusiness
 from daemon.sim.devices import SimDevice, make_device
 from daemon.sim.faults import Fault, FaultKind
+from daemon.sim.usbbandwidth import BusModel, UsbBandwidth
 from daemon.usb.topology import default_usb_path
 from hubdrivers.base import PortMode, PortStatus
 
@@ -69,6 +70,11 @@ class SimWorld:
     Apple's API (`daemon.sim.apple`); its clock is the wall clock, so the administrator's delay
     runs across daemon restarts."""
     faults: list[Fault] = field(default_factory=list)
+    usb: UsbBandwidth | None = None
+    """The controllers' shared bandwidth, which restores' transfers cross (None: restores spend only
+    their device-side time)."""
+    restore_bytes: float = 0.0
+    """Bytes a restore moves over USB (the IPSW's filesystem image)."""
     wiring: dict[str, HubWiring] = field(default_factory=dict)
     generated: int = 0
     host_sees: Callable[[SimDevice], bool] | None = None
@@ -360,8 +366,11 @@ def build_world(
     fail_rate: float = 0.0,
     target_server: str = "benchhub MDM",
     state_file: Path | None = None,
+    bus: BusModel | None = None,
+    restore_bytes: float = 0.0,
 ) -> SimWorld:
-    """A world for the given `(hub id, port count, usb path, port paths)` hubs."""
+    """A world for the given `(hub id, port count, usb path, port paths)` hubs; with a `bus`, restores
+    move `restore_bytes` each over their controller's shared bandwidth."""
     sim_hubs = {
         hub_id: SimHub(hub_id, ports, usb_path or default_usb_path(i), port_paths=paths)
         for i, (hub_id, ports, usb_path, paths) in enumerate(hubs)
@@ -374,6 +383,8 @@ def build_world(
         fail_rate=fail_rate,
         target_server=target_server,
         state_file=state_file,
+        usb=UsbBandwidth(bus, speed, seed) if bus is not None else None,
+        restore_bytes=restore_bytes,
     )
     world.load()
     world.prepare_org()

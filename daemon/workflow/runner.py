@@ -41,19 +41,19 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from daemon.apple.base import AppleServiceError
 from daemon.config import WorkflowConfig
-from daemon.ios.base import DeviceError, DeviceInfo, DeviceMode, DeviceSeen
+from daemon.ios.base import DeviceError, DeviceInfo, DeviceMode, DeviceSeen, on_transfer_done
 from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, Transition
-from daemon.store import Store
+from daemon.store import Store, StoreUnavailable
 from daemon.workflow.actions import ALLOWED_IN, Action, ActionRejected
-from daemon.workflow.limits import Limits
 from daemon.workflow.phases import RUNNING, SETTLED, Phase
 from daemon.workflow.resume import Resume, Settled, index_of, resume_point
+from daemon.workflow.scheduler import Queued, Scheduler
 from daemon.workflow.steps import DETECT, plan
 from daemon.workflow.steps.base import Check, CheckResult, Services, Step, StepContext, StepError
 
@@ -61,6 +61,11 @@ PowerCycle = Callable[[int], Awaitable[None]]
 
 _AWAY_EXPECTED = frozenset({Phase.UPDATING, Phase.ERASING})
 """Phases whose step sends the device off USB on purpose; the step's own timeout bounds the absence."""
+
+RECORD_AT_STOP: Final = 3.0
+"""Seconds a stopping runner waits for a failing store to take its last transition (`interrupted`)
+before it gives up: a stop must not hang on a full disk, and the next start's `Store.recover`
+records the same `interrupted` anyway."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,14 @@ def _matches(identity: DeviceIdentity | None, seen: DeviceSeen) -> bool:
     return identity.udid is not None and identity.udid == seen.udid
 
 
+def _last_progress(state: PortState) -> str:
+    """`45 % (sending filesystem)`, `queued: 2nd in line …`, or "" when the step reported nothing."""
+    percent = f"{state.progress} %" if state.progress is not None else ""
+    if state.detail:
+        return f"{percent} ({state.detail})" if percent else state.detail
+    return percent
+
+
 @dataclass
 class _Progress:
     at: float = 0.0
@@ -141,7 +154,7 @@ class PortRunner:
         store: Store,
         services: Services,
         workflow: WorkflowConfig,
-        limits: Limits,
+        scheduler: Scheduler,
         *,
         power_cycle: PowerCycle | None = None,
         on_phase: Callable[[PortRef, Phase], None] | None = None,
@@ -154,7 +167,10 @@ class PortRunner:
         self.store = store
         self.services = services
         self.workflow = workflow
-        self.limits = limits
+        self.scheduler = scheduler
+        self._plugged_at = 0.0
+        """When the current device's workflow started (monotonic): its place in the scheduler's
+        queues, kept across the workflow's own retries."""
         self._power_cycle = power_cycle
         self._senses_unplug = senses_unplug
         self._away_timer: asyncio.TimerHandle | None = None
@@ -206,7 +222,7 @@ class PortRunner:
         finally:
             # The daemon is stopping: say so in the history now, rather than leave the port looking
             # busy until the next start. The device keeps its step and resumes from it.
-            await self._interrupt("daemon stopped", actor="recovery")
+            await self._interrupt("daemon stopped", actor="recovery", within=RECORD_AT_STOP)
 
     async def _handle(self, signal: _Signal) -> None:
         match signal:
@@ -291,7 +307,7 @@ class PortRunner:
         if state.phase in SETTLED:
             if _matches(state.device, seen):
                 return  # the device already has its outcome (e.g. seen again after a restart)
-            self._record(Phase.EMPTY, detail="another device was plugged in")
+            await self._record(Phase.EMPTY, detail="another device was plugged in")
         self._start(seen)
 
     async def _on_recovery(self, seen: DeviceSeen) -> None:
@@ -310,7 +326,7 @@ class PortRunner:
             and point.index < len(self._plan)
             and self._plan[point.index].restores_from_recovery
         ):
-            self._clear_for(seen)
+            await self._clear_for(seen)
             self.log.info("resuming_from_recovery", ecid=seen.ecid, step=self._plan[point.index].name)
             self._start(seen, recovery=record.identity)
             return
@@ -332,10 +348,12 @@ class PortRunner:
                 " not restoring it: restore it by hand, then retry"
             )
         self.log.warning("device_in_recovery", ecid=seen.ecid, known=record is not None)
-        self._clear_for(seen)
+        await self._clear_for(seen)
         identity = record.identity if record is not None else None
-        self._record(Phase.DETECTED, device=identity, detail=f"device in Recovery mode (ECID {seen.ecid})")
-        self._record(
+        await self._record(
+            Phase.DETECTED, device=identity, detail=f"device in Recovery mode (ECID {seen.ecid})"
+        )
+        await self._record(
             Phase.NEEDS_ATTENTION,
             device=identity,
             error=ErrorInfo("recovery_mode", reason),
@@ -343,12 +361,12 @@ class PortRunner:
         )
         self._recovery_reported = seen.ecid if record is None else None
 
-    def _clear_for(self, seen: DeviceSeen) -> None:
+    async def _clear_for(self, seen: DeviceSeen) -> None:
         """The port still names another device (its outcome, or an interrupted step): it leaves the
         port first, so that nothing about the device in Recovery is written against it."""
         state = self.state
         if state.phase is not Phase.EMPTY and not _matches(state.device, seen):
-            self._record(Phase.EMPTY, detail="another device was plugged in")
+            await self._record(Phase.EMPTY, detail="another device was plugged in")
 
     def _recovery_identity(self, seen: DeviceSeen | None) -> DeviceIdentity | None:
         """Who the device in Recovery on the port is, if it is the one this port worked on (its ECID
@@ -365,20 +383,26 @@ class PortRunner:
         await self._interrupt(reason)
         state = self.state
         if state.phase in SETTLED:
-            self._record(Phase.EMPTY, detail=reason)
+            await self._record(Phase.EMPTY, detail=reason)
         self._info = None
 
-    async def _interrupt(self, reason: str, actor: str = "workflow") -> None:
+    async def _interrupt(self, reason: str, actor: str = "workflow", within: float | None = None) -> None:
+        """Stop the workflow and record it `interrupted`; `within`: see `_record`."""
         had_task = self._task is not None
         await self._cancel_workflow()
         state = self.state
         if had_task and state.phase in RUNNING:
-            self._record(
+            # Where it stopped, for whoever resumes or audits it: a restore cut off at 80 % of its
+            # flashing is a different story from one still queued or entering Recovery.
+            last = _last_progress(state)
+            await self._record(
                 Phase.INTERRUPTED,
                 step=state.step,
                 attempt=state.attempt,
-                detail=f"{reason} during {state.step}",
+                detail=f"{reason} during {state.step}" + (f"; last progress: {last}" if last else ""),
+                extra={"progress": state.progress, "progress_detail": state.detail} if last else None,
                 actor=actor,
+                within=within,
             )
 
     async def _cancel_workflow(self) -> None:
@@ -402,11 +426,11 @@ class PortRunner:
             if self.state.phase in SETTLED:
                 # Like a replug: when the device comes back it is detected and resumed. The hub may
                 # not have reported the detach itself (Cambrionix blanks attach detection for 2 s).
-                self._record(Phase.EMPTY, detail="port power-cycled", actor="operator")
+                await self._record(Phase.EMPTY, detail="port power-cycled", actor="operator")
             return "port power-cycled"
         if action is Action.ABORT:
             await self._cancel_workflow()
-            self._record(
+            await self._record(
                 Phase.FAILED,
                 step=state.step,
                 attempt=state.attempt,
@@ -462,6 +486,7 @@ class PortRunner:
         (its recorded identity); the workflow then starts at its restore, without a detect.
         `retried_by_operator`: the step an operator retries; its first row carries actor "operator"
         (like a skip's), so the audit trail (`benchhub report`) tells it from the workflow's retries."""
+        self._plugged_at = time.monotonic()
         task = asyncio.get_running_loop().create_task(
             self._workflow(
                 seen, start, forced, skipped_by_operator, recovery, retried_by_operator=retried_by_operator
@@ -492,7 +517,7 @@ class PortRunner:
             self.log.exception("workflow_crashed")
             with contextlib.suppress(Exception):
                 state = self.state
-                self._record(
+                await self._record(
                     Phase.FAILED,
                     step=state.step,
                     attempt=state.attempt,
@@ -537,7 +562,7 @@ class PortRunner:
         interrupted: str | None = None
         if recovery is not None:
             if start is None:
-                start, interrupted = self._resume_in_recovery(recovery)
+                start, interrupted = await self._resume_in_recovery(recovery)
         elif ctx.info is None:
             identity = DeviceIdentity(udid=seen.udid, ecid=seen.ecid)
             if not await self._execute(DETECT, ctx, identity=identity, extra=extra, actor=actor):
@@ -550,7 +575,7 @@ class PortRunner:
             key = ctx.device.identity().key
             point = resume_point(self.store.device(key) if key else None, self._plan)
             if isinstance(point, Settled):
-                self._record(
+                await self._record(
                     point.phase,
                     device=ctx.device.identity(),
                     detail=point.detail,
@@ -569,12 +594,12 @@ class PortRunner:
             ctx, start, forced=forced, interrupted=interrupted, extra=extra, actor=actor, recovery=recovery
         )
 
-    def _resume_in_recovery(self, recovery: DeviceIdentity) -> tuple[int, str | None]:
+    async def _resume_in_recovery(self, recovery: DeviceIdentity) -> tuple[int, str | None]:
         """Where a device found in Recovery resumes (`_on_recovery` checked it is a restoring step).
         Nothing can be read in Recovery, so there is no detect: the port shows who the device was."""
         point = resume_point(self.store.device(recovery.key or ""), self._plan)
         assert isinstance(point, Resume)
-        self._record(
+        await self._record(
             Phase.DETECTED,
             device=recovery,
             detail=f"device in Recovery mode (ECID {recovery.ecid}): resuming its restore",
@@ -602,17 +627,19 @@ class PortRunner:
                     extra.setdefault("skipped", {})[step.name] = check.reason
                     continue
                 if check.outcome is Check.UNKNOWN and interrupted == step.name and not step.safe_to_repeat:
-                    self._needs_attention_unknown(step, check, extra)
+                    await self._needs_attention_unknown(step, check, extra)
                     return
             if not await self._execute(step, ctx, identity=recovery, extra=extra, actor=actor):
                 return
             if self._info is None:
                 self._info = ctx.info  # first read after a restore from Recovery
             extra, actor = {"completed": {step.name: self._last_detail}}, "workflow"
-        self._record(Phase.DONE, device=ctx.device.identity(), detail="provisioned", extra=extra, actor=actor)
+        await self._record(
+            Phase.DONE, device=ctx.device.identity(), detail="provisioned", extra=extra, actor=actor
+        )
 
-    def _needs_attention_unknown(self, step: Step, check: CheckResult, extra: dict[str, Any]) -> None:
-        self._record(
+    async def _needs_attention_unknown(self, step: Step, check: CheckResult, extra: dict[str, Any]) -> None:
+        await self._record(
             Phase.NEEDS_ATTENTION,
             step=step.name,
             error=ErrorInfo(
@@ -686,7 +713,7 @@ class PortRunner:
                     self._last_detail = check.reason
                     return True
                 if check.outcome is Check.UNKNOWN:
-                    self._needs_attention_unknown(step, check, {})
+                    await self._needs_attention_unknown(step, check, {})
                     return False
             detail = f"retry after {failure.code}" if failure else None
             attempt_extra = extra if attempt == 1 else None
@@ -694,7 +721,7 @@ class PortRunner:
                 # Not a blind re-run: the device sits in Recovery, the restore's effect is absent.
                 detail = f"{check.reason}: restoring again after {failure.code}"
                 attempt_extra = {"resumed_from_recovery": ctx.in_recovery.ecid}
-            self._record(
+            await self._record(
                 step.phase,
                 step=step.name,
                 attempt=attempt,
@@ -707,8 +734,17 @@ class PortRunner:
             self._progress = _Progress()
             generation = self._generation
             try:
-                async with self.limits.slot(step.name, lambda: self._report_progress(None, "queued")):
-                    async with asyncio.timeout(policy.timeout):
+                async with (
+                    self.scheduler.slot(
+                        step.name,
+                        step.resources,
+                        self.ref,
+                        plugged_at=self._plugged_at,
+                        on_queued=self._queued,
+                    ) as lease,
+                    asyncio.timeout(policy.timeout),
+                ):
+                    with on_transfer_done(lease.transfer_done):
                         self._last_detail = await step.run(ctx)
                 return True
             except (StepError, DeviceError, AppleServiceError, TimeoutError) as exc:
@@ -738,7 +774,7 @@ class PortRunner:
                 self._last_detail = check.reason
                 return True
             if ctx.in_recovery is not None:
-                self._record(
+                await self._record(
                     Phase.NEEDS_ATTENTION,
                     step=step.name,
                     attempt=attempt,
@@ -749,7 +785,7 @@ class PortRunner:
                     ),
                 )
                 return False
-        self._record(
+        await self._record(
             Phase.NEEDS_ATTENTION if failure.attention else Phase.FAILED,
             step=step.name,
             attempt=attempt,
@@ -793,7 +829,7 @@ class PortRunner:
     def _identity(self) -> DeviceIdentity | None:
         return self._info.identity() if self._info else self.state.device
 
-    def _record(
+    async def _record(
         self,
         phase: Phase,
         *,
@@ -804,20 +840,24 @@ class PortRunner:
         detail: str | None = None,
         extra: dict[str, Any] | None = None,
         actor: str = "workflow",
-    ) -> PortState:
-        state = self.store.record(
-            Transition(
-                ref=self.ref,
-                to=phase,
-                step=step,
-                attempt=attempt,
-                device=device,
-                error=error,
-                detail=detail,
-                actor=actor,
-                extra=extra or {},
-            )
+        within: float | None = None,
+    ) -> PortState | None:
+        """Record a transition, waiting for the store if need be (`_write`); None only when the
+        store did not take it `within` seconds (a stopping runner: see `RECORD_AT_STOP`)."""
+        transition = Transition(
+            ref=self.ref,
+            to=phase,
+            step=step,
+            attempt=attempt,
+            device=device,
+            error=error,
+            detail=detail,
+            actor=actor,
+            extra=extra or {},
         )
+        state = await self._write(transition, within)
+        if state is None:
+            return None
         structlog.contextvars.bind_contextvars(phase=phase.value)
         if self._on_phase is not None:
             self._on_phase(self.ref, phase)
@@ -834,6 +874,64 @@ class PortRunner:
         )
         return state
 
+    async def _write(self, transition: Transition, within: float | None) -> PortState | None:
+        """Write `transition`, however long the store fails (locked, disk full, I/O error).
+
+        A transient store failure is not the device's: it must not become an outcome (`failed`), nor
+        crash the workflow and leave the port in a running phase with nothing running it. So the
+        port waits here, where it is, for the store to take writes again (`Store.writable`: the
+        store's own probe, with backoff, tries for every waiting port), then writes the *same*
+        transition. The workflow simply pauses: nothing after this transition happens before it is
+        written, so the history stays in order without a gap, and since a failed write wrote
+        nothing (rolled back), nothing is recorded twice. Unplugging meanwhile cancels the wait like
+        any step. Only with `within` (a stopping runner) does it give up, saying what was lost."""
+        loop = asyncio.get_running_loop()
+        deadline = None if within is None else loop.time() + within
+        waited_since: float | None = None
+        while True:
+            try:
+                state = self.store.record(transition)
+            except StoreUnavailable as exc:
+                if waited_since is None:
+                    waited_since = loop.time()
+                    self.log.info("transition_waiting_for_store", phase=transition.to.value, error=str(exc))
+                if not await self._until_writable(deadline):
+                    self.log.error(
+                        "transition_not_recorded",
+                        phase=transition.to.value,
+                        step=transition.step,
+                        error=self.store.failing,
+                        detail="the store stayed unavailable; the next start records the port interrupted",
+                    )
+                    return None
+                continue
+            if waited_since is not None:
+                self.log.info(
+                    "transition_recorded_after_wait",
+                    phase=transition.to.value,
+                    seconds=round(loop.time() - waited_since, 1),
+                )
+            return state
+
+    async def _until_writable(self, deadline: float | None) -> bool:
+        """Wait for `Store.writable`; False if `deadline` (loop time) passes first. `asyncio.wait`
+        rather than `asyncio.timeout`: a stopping runner's task is being cancelled already, and a
+        timeout scope would report its expiry as that cancellation instead of a timeout."""
+        if deadline is None:
+            await self.store.writable()
+            return True
+        waiting = asyncio.ensure_future(self.store.writable())
+        try:
+            done, _ = await asyncio.wait(
+                {waiting}, timeout=max(0.0, deadline - asyncio.get_running_loop().time())
+            )
+        finally:
+            waiting.cancel()
+        return bool(done)
+
+    def _queued(self, place: Queued) -> None:
+        self._report_progress(None, place.describe())
+
     def _report_progress(self, percent: int | None, detail: str | None) -> None:
         """Progress is throttled to one update a second per port, or a 5-point change, or a new detail;
         phase changes are never throttled (they are transitions)."""
@@ -845,4 +943,7 @@ class PortRunner:
         if not (changed_detail or jump or final or now - last.at >= 1.0):
             return
         self._progress = _Progress(now, percent, detail if detail is not None else last.detail)
-        self.store.set_progress(self.ref, percent, detail)
+        # Progress is not history: while the store fails it is skipped (the store says so, once),
+        # never raised into the step reporting it.
+        with contextlib.suppress(StoreUnavailable):
+            self.store.set_progress(self.ref, percent, detail)

@@ -24,6 +24,7 @@ from daemon.ios.base import DeviceBackend, DeviceInfo, FirmwareSource, ProgressF
 from daemon.models import DeviceIdentity, PortRef
 from daemon.technician import Technician
 from daemon.workflow.phases import Phase
+from daemon.workflow.scheduler import Resource
 
 
 class Check(enum.Enum):
@@ -123,13 +124,16 @@ class Step(abc.ABC):
     phase: ClassVar[Phase]
     safe_to_repeat: ClassVar[bool]
     restores_from_recovery: ClassVar[bool] = False
+    """Whether the step can work on a device in Recovery (`StepContext.in_recovery`): only a restore
+    can; for any other step such a device needs a person."""
+    resources: ClassVar[frozenset[Resource]] = frozenset()
+    """What the step takes from the scheduler while it runs (`daemon.workflow.scheduler`); none for a
+    light step."""
     waits_for_people: ClassVar[bool] = False
     """The step waits for something people do (a technician, an administrator in the portal);
     running out of time then needs a person, not a retry."""
     waiting_for: ClassVar[str] = ""
     """What it waits for, in words, for the needs_attention reason."""
-    """Whether the step can work on a device in Recovery (`StepContext.in_recovery`): only a restore
-    can; for any other step such a device needs a person."""
 
     async def check(self, ctx: StepContext) -> CheckResult:
         """Default: nothing to verify, so the step runs."""

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from daemon.versions import at_least
 from daemon.workflow.phases import Phase
+from daemon.workflow.scheduler import Resource
 from daemon.workflow.steps.base import (
     Check,
     CheckResult,
@@ -34,6 +35,8 @@ class UpdateStep(Step):
     # effect.
     safe_to_repeat: ClassVar[bool] = False
     restores_from_recovery: ClassVar[bool] = True
+    # Most of a restore is the filesystem crossing the USB bus: it takes a slot on the controller.
+    resources: ClassVar[frozenset[Resource]] = frozenset({Resource.USB_BANDWIDTH})
 
     async def check(self, ctx: StepContext) -> CheckResult:
         if ctx.in_recovery is not None:
