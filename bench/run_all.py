@@ -68,6 +68,26 @@ def parse_workflow(out: str) -> list[tuple[str, float, str, float | None, bool]]
     return rows
 
 
+def parse_throughput(out: str) -> list[tuple[str, float, str, float | None, bool]]:
+    rows: list[tuple[str, float, str, float | None, bool]] = []
+    for m in re.finditer(
+        r"^(scheduler|all-at-once|one-at-a-time)\s+([\d,]+)s\s+([\d.]+)\s+.*?(\d+)\s+(\d+)\s+[\d.]+%",
+        out,
+        re.M,
+    ):
+        target = 1.10 if m[1] == "scheduler" else None
+        rows.append(
+            (
+                f"{m[1]}: makespan / lower bound ({m[4]} done, {m[5]} broke off)",
+                _num(m[3]),
+                "x",
+                target,
+                False,
+            )
+        )
+    return rows
+
+
 def parse_store(out: str) -> list[tuple[str, float, str, float | None, bool]]:
     rows: list[tuple[str, float, str, float | None, bool]] = []
     if m := re.search(r"commit latency p50 ([\d.]+) ms, p99 ([\d.]+) ms", out):
@@ -164,6 +184,7 @@ BENCHES = (
     ),
     Bench("mqtt_bench", (), ("--ops", "1000"), parse_mqtt_bench),
     Bench("workflow_bench", ("--sizes", "8,30"), ("--sizes", "8"), parse_workflow),
+    Bench("throughput", (), ("--devices", "30", "--controllers", "1"), parse_throughput),
     Bench("detect_latency", (), ("--devices", "20", "--spread", "3"), parse_detect),
     Bench("mqtt_fanout", ("--outage", "10"), ("--outage", "5"), parse_fanout),
     Bench(
