@@ -14,12 +14,10 @@ the resources it needs (`Step.resources`), and the scheduler hands out:
   (`daemon.ios.base.on_transfer_done`). Without it, restores started together share the bus
   fairly, so they all finish sending at the same moment and then all verify and flash on the
   device at once while the bus idles: in the simulated bench (`bench/throughput.py`) that wasted
-  a quarter of the bus. Holding the bus to a few transfers at a time staggers the restores, so
-  one restore's transfer overlaps the others' time on the device. A backend that never reports
-  the end of its transfer keeps its share to the end: slower, never unsafe. Shares are handed
-  out at least `scheduler.transfer_spacing` seconds apart on one controller: restores that start
-  together share the bus fairly and so finish sending together, then all boot their next ramdisks
-  at once while the bus idles; a little spacing at the start keeps them staggered for good;
+  a quarter of the bus. Holding the bus to a few transfers at a time, handed out at least
+  `scheduler.transfer_spacing` seconds apart on one controller, staggers the restores for good,
+  so one restore's transfer overlaps the others' time on the device. A backend that never
+  reports the end of its transfer keeps its share to the end: slower, never unsafe;
 * a **station-wide slot** for a step whose policy sets `concurrency` (a cap across controllers,
   e.g. for the station's disk or CPU);
 * a **pace for Apple's API** (`RateLimiter`): every request of the Apple clients waits for a token,
