@@ -155,7 +155,6 @@ class Station:
             )
             for ref in self.topology.ports()
         }
-        self.store.ensure_ports(self.runners)
         self.inbound = self._inbound(config)
         """Commands and Home Assistant's birth message, handed over by the MQTT publisher."""
         self.mqtt: MqttEndpoint | None = None
@@ -383,8 +382,8 @@ class Station:
         they stand, and resume from the store next time), the publisher drains and says offline."""
         # Every log line of this station, including those of the tasks started below, names it.
         structlog.contextvars.bind_contextvars(station=self.config.station.id)
-        self._forget_removed_hubs()
-        recovered = await self._recover()
+        self._forget_removed_hubs()  # written later if the database does not take writes now
+        recovered = await self._prepare_store()
         if recovered:
             self.log.warning("recovered_interrupted_ports", ports=[str(s.ref) for s in recovered])
         password = read_secret(self.config.mqtt.password_file) if self.config.mqtt.password_file else None
@@ -403,13 +402,15 @@ class Station:
         finally:
             bus.close()
 
-    async def _recover(self) -> list[PortState]:
-        """`Store.recover`, waiting for the database if it does not take writes (a start while the
-        disk is full must not exit, to be restarted into the same failure by systemd until it gives
-        up); each port's record is its own transaction, so the next pass finishes the rest (and
-        returns only those)."""
+    async def _prepare_store(self) -> list[PortState]:
+        """Rows for newly configured ports, then `Store.recover`, waiting for the database if it does
+        not take writes (a start while the disk is full or the database is locked must not exit, to
+        be restarted into the same failure by systemd until it gives up); both are idempotent and
+        each port's record is its own transaction, so the next pass finishes the rest (and returns
+        only those)."""
         while True:
             try:
+                self.store.ensure_ports(self.runners)
                 return self.store.recover()
             except StoreUnavailable:
                 await self.store.writable()

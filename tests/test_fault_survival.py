@@ -39,7 +39,7 @@ import structlog.testing
 from daemon.config import load_config
 from daemon.models import DeviceRecord, HistoryRow, PortRef, PortState
 from daemon.sim.devices import SimDevice
-from daemon.station import build_sim_world
+from daemon.station import Station, build_sim_world
 from daemon.store import BUSY_TIMEOUT, Store
 from daemon.workflow.phases import ALLOWED, RUNNING, SETTLED, Phase
 from tests.conftest import eventually, running, station_config
@@ -346,9 +346,9 @@ LONG_LOCK = 6.0
 """Seconds of a lock far beyond the store's busy timeout (and beyond the 5 s it once was)."""
 
 
-async def _lock_for(db: Path, seconds: float) -> None:
+async def _lock_for(db: Path, seconds: float, taken: threading.Event | None = None) -> None:
     """Another process's write lock on the database (`sqlite3 bench.sqlite3` with a `BEGIN
-    EXCLUSIVE` left open, a backup tool), held for `seconds`.
+    EXCLUSIVE` left open, a backup tool), held for `seconds`; `taken` is set once it is held.
 
     Taken, held and released on a thread of its own: the store's SQLite calls run on the event loop
     and block it while they wait for the lock (at most `BUSY_TIMEOUT` each), so the lock's timing
@@ -364,7 +364,7 @@ async def _lock_for(db: Path, seconds: float) -> None:
         finally:
             conn.close()
 
-    locked = threading.Event()
+    locked = taken or threading.Event()
     holder = asyncio.create_task(asyncio.to_thread(hold))
     await asyncio.to_thread(locked.wait, 5)
     await holder
@@ -498,6 +498,36 @@ async def test_a_locked_database_delays_the_bench_and_loses_no_work(
     if hold > BUSY_TIMEOUT:
         assert _errors(logs), "a write failed on the lock and nothing said so"
         _assert_reported_and_cleared(station, statuses, health.docs(), logs, "database is locked")
+
+
+async def test_a_station_started_on_a_locked_database_waits_for_it(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Another process holds the write lock when the daemon starts, beyond the store's busy timeout.
+
+    Wanted: the start waits for the database rather than failing (systemd would restart it into the
+    same failure until it gave up), and once the lock is gone the ports get their rows and every
+    device is provisioned. Building the station writes nothing: its first writes are in `run`."""
+    config = station_config(tmp_path, mosquitto, devices=4, ports=4, speed=150)
+    station = Station(config)
+    taken = threading.Event()
+    holder = asyncio.create_task(_lock_for(config.storage.path, LONG_LOCK / 3, taken))
+    await asyncio.to_thread(taken.wait, 5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(station.run(stop))
+    try:
+        await asyncio.sleep(BUSY_TIMEOUT * 5)
+        assert not task.done(), "the start gave up on a locked database"
+        assert not station.ready.is_set(), "READY=1 before the store was recovered"
+        await holder
+        async with asyncio.timeout(10):
+            await station.ready.wait()
+        assert [s.ref for s in station.ports()] == list(station.runners)
+        await _all_done_with_no_gap(station)
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            await task
 
 
 async def _keep_full(db: sqlite3.Connection) -> None:
