@@ -779,7 +779,8 @@ class Store:
         ]
 
     def outbox_size(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        """Messages still to deliver: rows the broker confirmed while their deletion failed are not."""
+        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]) - len(self._unacked)
 
     def ack(self, ids: Sequence[int]) -> None:
         """Forget messages the broker has acknowledged. An event dropped after the publisher read it

@@ -270,6 +270,7 @@ def test_station_writes_and_acks_wait_for_the_database_to_recover(store: Store) 
         store.publish([OutboxMessage("benchhub/s1/note", b"1", retain=False)])
         store.ack([row.id for row in sent])
         assert store.outbox() == []  # confirmed, so not sent again; nothing else got written
+        assert store.outbox_size() == 0
         assert store.hub_statuses() == {}
     store.record(UPDATING)
     store._run_probe()
