@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TextIO
 
-from daemon.models import PortState, utcnow
+from daemon.models import PortState, ordinal, utcnow
 from daemon.workflow.phases import Phase
 
 _COLORS = {
@@ -33,7 +33,11 @@ def elapsed(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _bar(progress: int | None, width: int = 10) -> str:
+def _progress(state: PortState, width: int = 10) -> str:
+    """A bar with the percentage; for a port waiting its turn, its place in line."""
+    if state.queue is not None:
+        return f"queued {ordinal(state.queue.position)}"
+    progress = state.progress
     if progress is None:
         return " " * (width + 5)
     filled = round(width * progress / 100)
@@ -71,7 +75,7 @@ def render(
     for s in states:
         phase = s.phase.value + (f" #{s.attempt}" if s.attempt > 1 else "")
         row = (
-            f"{s.ref!s:<10} {phase:<20} {_bar(s.progress):<15} {_device(s)[:36]:<36} "
+            f"{s.ref!s:<10} {phase:<20} {_progress(s):<15} {_device(s)[:36]:<36} "
             f"{elapsed((now - s.since).total_seconds()) if s.phase is not Phase.EMPTY else '':>6}  {_note(s)}"
         )[:width]
         if color:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -77,6 +78,39 @@ class ErrorInfo:
         return {"code": self.code, "message": self.message}
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A waiting port's place in line for the resource that holds it up (`daemon.workflow.scheduler`):
+    part of the port's state, so a dashboard tells a port waiting its turn from one at work without
+    parsing `detail`."""
+
+    position: int
+    """1: next to be served."""
+    resource: str
+    """What it waits for: a restore slot on a bandwidth domain (`usb3`), that domain's bus
+    (`bus:usb3`), or a step's station-wide slots (`step:update`)."""
+    busy: int
+    capacity: int
+
+    def describe(self) -> str:
+        if self.resource.startswith("step:"):
+            what = f"the station's {self.resource.removeprefix('step:')} slots"
+        elif self.resource.startswith("bus:"):
+            what = f"the USB bus of {self.resource.removeprefix('bus:')}"
+        else:
+            what = f"a restore slot on {self.resource}"
+        return f"queued: {ordinal(self.position)} in line for {what} ({self.busy}/{self.capacity} busy)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True, slots=True)
 class PortState:
     """The current state of one port, as stored, published and shown."""
@@ -92,6 +126,8 @@ class PortState:
     seq: int = 0
     updated: datetime = field(default_factory=utcnow)
     detail: str | None = None
+    queue: Queued | None = None
+    """Set while the step waits for the scheduler; cleared when it starts or the phase changes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from daemon.models import (
     OutboxRow,
     PortRef,
     PortState,
+    Queued,
     Transition,
     iso,
     utcnow,
@@ -54,7 +55,8 @@ from daemon.models import (
 from daemon.workflow.phases import RUNNING, Phase, check_transition
 
 SCHEMA_VERSION = 1
-"""Still 1 with the bounded outbox: its counter is a `meta` row, which older versions ignore."""
+"""Still 1 with the bounded outbox (its counter is a `meta` row) and with `ports.queue` (a column added
+on open, `_ADDED_COLUMNS`): older versions ignore both."""
 
 DEFAULT_OUTBOX_LIMIT: Final = 100_000
 """Same default as `MqttConfig.outbox_limit`, for stores opened without a config (tools, tests)."""
@@ -97,7 +99,7 @@ CREATE TABLE IF NOT EXISTS ports (
     hub TEXT NOT NULL, port INTEGER NOT NULL,
     phase TEXT NOT NULL, step TEXT, progress INTEGER, device_key TEXT, device TEXT,
     attempt INTEGER NOT NULL DEFAULT 0, error_code TEXT, error_message TEXT, detail TEXT,
-    since TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0, updated TEXT NOT NULL,
+    since TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0, updated TEXT NOT NULL, queue TEXT,
     PRIMARY KEY (hub, port)
 );
 CREATE TABLE IF NOT EXISTS devices (
@@ -120,6 +122,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_topic ON outbox (topic) WHERE retain = 1;
 """
+
+_ADDED_COLUMNS: Final = (("ports", "queue", "TEXT"),)
+"""Columns added since a table was first released: a database written before gets them on open."""
 
 
 class OutboxRenderer(Protocol):
@@ -210,6 +215,7 @@ class Store:
             self._db.execute(f"PRAGMA busy_timeout={int(OPEN_BUSY_TIMEOUT * 1000)}")
             self._db.executescript(_SCHEMA)
             self._check_schema()
+            self._add_columns()
             self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot be used as the benchhub database ({exc})") from None
@@ -224,6 +230,11 @@ class Store:
             raise StoreError(
                 f"{self.path}: written by a newer benchhub (schema {row['value']}); upgrade benchhub"
             )
+
+    def _add_columns(self) -> None:
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         if self._probe is not None:
@@ -412,6 +423,7 @@ class Store:
             seq=row["seq"],
             updated=_ts(row["updated"]),
             detail=row["detail"],
+            queue=Queued(**json.loads(row["queue"])) if row["queue"] else None,
         )
 
     # --------------------------------------------------------------- devices
@@ -569,12 +581,12 @@ class Store:
     def _write_port(self, s: PortState) -> None:
         self._db.execute(
             "INSERT INTO ports (hub, port, phase, step, progress, device_key, device, attempt, error_code,"
-            " error_message, detail, since, seq, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " error_message, detail, since, seq, updated, queue) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT(hub, port) DO UPDATE SET phase=excluded.phase, step=excluded.step,"
             " progress=excluded.progress, device_key=excluded.device_key, device=excluded.device,"
             " attempt=excluded.attempt, error_code=excluded.error_code,"
             " error_message=excluded.error_message, detail=excluded.detail, since=excluded.since,"
-            " seq=excluded.seq, updated=excluded.updated",
+            " seq=excluded.seq, updated=excluded.updated, queue=excluded.queue",
             (
                 s.ref.hub,
                 s.ref.port,
@@ -590,11 +602,15 @@ class Store:
                 iso(s.since),
                 s.seq,
                 iso(s.updated),
+                json.dumps(s.queue.as_dict()) if s.queue else None,
             ),
         )
 
-    def set_progress(self, ref: PortRef, progress: int | None, detail: str | None = None) -> PortState:
+    def set_progress(
+        self, ref: PortRef, progress: int | None, detail: str | None = None, queue: Queued | None = None
+    ) -> PortState:
         """Progress within a phase: updates the port and publishes its state, but is not history.
+        `queue`: the port's place in line while its step waits for the scheduler (None: not waiting).
 
         While the store is failing this raises `StoreUnavailable` without touching SQLite: progress
         is worth no stalled event loop (each attempt may wait `BUSY_TIMEOUT`), and the next update
@@ -615,6 +631,7 @@ class Store:
                 seq=before.seq + 1,
                 updated=utcnow(),
                 detail=detail if detail is not None else before.detail,
+                queue=queue,
             )
             self._write_port(after)
             if self._renderer is not None:

@@ -46,7 +46,7 @@ from daemon.board import redraw
 from daemon.board import render as render_ports
 from daemon.config import ConfigError, MqttConfig, TlsConfig, read_secret
 from daemon.logs import configure_logging
-from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, iso, utcnow
+from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, Queued, iso, utcnow
 from daemon.mqtt.publisher import tls_context
 from daemon.workflow.phases import Phase
 
@@ -210,7 +210,23 @@ def parse_state(ref: PortRef, payload: bytes) -> PortState:
         seq=seq if seq is not None else 0,
         updated=updated,
         detail=_text(doc, "detail"),
+        queue=_queue(doc),
     )
+
+
+def _queue(doc: dict[str, Any]) -> Queued | None:
+    value = doc.get("queue")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("queue is not an object")
+    position, busy, capacity = (
+        _integer(value, key, required=True) for key in ("position", "busy", "capacity")
+    )
+    resource = _text(value, "resource")
+    if position is None or busy is None or capacity is None or resource is None:
+        raise ValueError("queue lacks position, resource, busy or capacity")
+    return Queued(position, resource, busy, capacity)
 
 
 def _integer(doc: dict[str, Any], key: str, *, required: bool = False) -> int | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import SchedulerConfig, StepPolicy
-from daemon.models import PortRef
+from daemon.models import PortRef, ordinal
 from daemon.sim.devices import SimDevice, make_device
 from daemon.station import build_sim_world
 from daemon.workflow.phases import Phase
@@ -21,7 +21,6 @@ from daemon.workflow.scheduler import (
     Resource,
     Scheduler,
     controller_of,
-    ordinal,
 )
 from tests.conftest import eventually, running, station_config
 from tests.mqtt_broker import Mosquitto
@@ -93,8 +92,8 @@ async def test_waiters_are_served_first_plugged_first_served_not_in_asking_order
         await rec.finish(name)
     assert rec.order == ["holder", "a", "b", "c"]
     # c was told its place whenever it changed: 1st when it asked, pushed back as a and b (plugged
-    # before it) asked, then forward as the line moved.
-    assert [p.position for p in rec.places["c"]] == [1, 2, 3, 2, 1]
+    # before it) asked, then forward as the line moved; and None when its turn came.
+    assert [p.position if p else None for p in rec.places["c"]] == [1, 2, 3, 2, 1, None]
 
 
 async def test_a_full_controller_does_not_hold_up_another() -> None:
@@ -299,6 +298,8 @@ async def test_restores_queue_first_plugged_first_served_within_the_controllers_
     world = build_sim_world(config)
     refs = [PortRef("hub-a", n) for n in range(1, 7)]
     details: set[str] = set()
+    queued: set[int] = set()  # ports seen with a place in line (`PortState.queue`)
+    started: set[int] = set()  # ports seen told their turn had come, their place cleared
     served: list[int] = []  # ports in the order their restores got a slot
     most_restoring = 0
 
@@ -309,9 +310,14 @@ async def test_restores_queue_first_plugged_first_served_within_the_controllers_
         for state in station.store.ports():
             if state.phase is not Phase.UPDATING or state.detail is None:
                 continue
-            if state.detail.startswith("queued:"):
+            if state.queue is not None:
+                assert state.detail == state.queue.describe()
                 details.add(state.detail)
+                queued.add(state.ref.port)
                 continue
+            if state.detail == "starting":
+                started.add(state.ref.port)
+            assert not state.detail.startswith("queued:"), "a queued port without its place in line"
             restoring += 1
             if state.ref.port not in served:
                 served.append(state.ref.port)
@@ -338,5 +344,6 @@ async def test_restores_queue_first_plugged_first_served_within_the_controllers_
     assert order == [6, 5, 4, 3, 2, 1]
     assert served == order  # first plugged, first served, whoever asked or finished first
     assert most_restoring == 2
+    assert queued == started == {1, 2, 3, 4, 5, 6}
     assert "queued: 1st in line for a restore slot on usb1 (2/2 busy)" in details, details
     assert "queued: 6th in line for a restore slot on usb1 (2/2 busy)" in details, details

@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import SchedulerConfig, WorkflowConfig
-from daemon.models import DeviceIdentity, ErrorInfo, OutboxMessage, PortRef, Transition
+from daemon.models import DeviceIdentity, ErrorInfo, OutboxMessage, PortRef, Queued, Transition
 from daemon.mqtt.payloads import PayloadRenderer
 from daemon.mqtt.topics import Topics
 from daemon.store import BUSY_TIMEOUT, Store, StoreError, StoreUnavailable
@@ -123,6 +123,34 @@ def test_survives_reopen(tmp_path: Path) -> None:
     second = Store(path)
     assert second.port(REF).phase is Phase.DETECTED
     assert second.port(REF).device == PHONE
+    second.close()
+
+
+def test_a_place_in_line_is_kept_until_the_next_progress_or_transition(store: Store) -> None:
+    store.record(Transition(REF, Phase.DETECTED, device=PHONE))
+    store.record(UPDATING)
+    place = Queued(2, "usb1", 10, 10)
+    store.set_progress(REF, None, place.describe(), place)
+    assert store.port(REF).queue == place
+    store.set_progress(REF, None, "starting")
+    assert store.port(REF).queue is None
+    store.set_progress(REF, None, place.describe(), place)
+    store.record(Transition(REF, Phase.FAILED, step="update", error=ErrorInfo("timeout", "too slow")))
+    assert store.port(REF).queue is None
+
+
+def test_a_database_from_before_the_queue_column_gets_it_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "bench.sqlite3"
+    first = Store(path)
+    first.ensure_ports([REF])
+    first.record(Transition(REF, Phase.DETECTED, device=PHONE))
+    first._db.execute("ALTER TABLE ports DROP COLUMN queue")  # as written by benchhub before it
+    first.close()
+    second = Store(path)
+    assert second.port(REF).device == PHONE
+    second.record(UPDATING)
+    second.set_progress(REF, None, "queued", Queued(1, "usb1", 1, 1))
+    assert second.port(REF).queue == Queued(1, "usb1", 1, 1)
     second.close()
 
 

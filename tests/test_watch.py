@@ -15,7 +15,7 @@ from pathlib import Path
 import aiomqtt
 from structlog.testing import capture_logs
 
-from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState
+from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, Queued
 from daemon.mqtt.payloads import PayloadRenderer, state_document
 from daemon.mqtt.topics import Topics
 from daemon.watch import Board
@@ -82,6 +82,8 @@ def test_newest_seq_wins_and_garbage_is_skipped_with_a_debug_line() -> None:
             b'{"phase": "done", "seq": "99"}',
             b'{"phase": "done", "seq": 99, "error": "boom"}',
             b'{"phase": "done", "seq": 99, "since": "yesterday"}',
+            b'{"phase": "updating", "seq": 99, "queue": 3}',
+            b'{"phase": "updating", "seq": 99, "queue": {"position": 3}}',
             json.dumps({**state_document(PortState(PortRef("hub-b", 1), Phase.DONE)), "seq": 99}).encode(),
         ):
             assert not board.apply(topic, garbage), garbage
@@ -90,7 +92,7 @@ def test_newest_seq_wins_and_garbage_is_skipped_with_a_debug_line() -> None:
     assert board.stations["s1"].ports[ref].phase is Phase.ERASING
     assert board.stations["s1"].ports[ref].seq == 7
     skipped = [e for e in logs if e["event"] == "watch_payload_skipped"]
-    assert len(skipped) == 11
+    assert len(skipped) == 13
     assert all(e["log_level"] == "debug" and e["topic"] for e in skipped)
     assert [e["event"] for e in logs].count("watch_stale_state") == 1
     assert not board.apply("other/s1/status", b"online")  # outside the prefix
@@ -118,6 +120,21 @@ def test_render_reuses_the_status_table_per_station() -> None:
     assert "timeout: update took too long" in row
     assert text.endswith("1 ports: 1 failed")
     assert Board("benchhub").render().startswith("no station has published")
+
+
+def test_a_queued_port_shows_its_place_in_line() -> None:
+    """The place in line travels as structured data (`queue`) and the board shows it in the progress
+    column, so a port waiting its turn does not look like one at work."""
+    board = Board("benchhub")
+    place = Queued(3, "usb2", 10, 10)
+    state = PortState(
+        PortRef("hub-a", 5), Phase.UPDATING, step="update", detail=place.describe(), queue=place, seq=9
+    )
+    assert board.apply(S1.port_state(state.ref), state_payload(state))
+    assert board.stations["s1"].ports[state.ref].queue == place
+    row = rows(board.render(width=200))["hub-a/5"]
+    assert "queued 3rd" in row
+    assert "queued: 3rd in line for a restore slot on usb2 (10/10 busy)" in row
 
 
 # ------------------------------------------------------------------------------ the command

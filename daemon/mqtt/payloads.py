@@ -36,6 +36,7 @@ def state_document(state: PortState) -> dict[str, Any]:
         "attempt": state.attempt,
         "error": state.error.as_dict() if state.error else None,
         "detail": state.detail,
+        "queue": state.queue.as_dict() if state.queue else None,
         "seq": state.seq,
         "ts": iso(state.updated),
     }

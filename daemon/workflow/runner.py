@@ -48,12 +48,12 @@ import structlog
 from daemon.apple.base import AppleServiceError
 from daemon.config import WorkflowConfig
 from daemon.ios.base import DeviceError, DeviceInfo, DeviceMode, DeviceSeen, on_transfer_done
-from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, Transition
+from daemon.models import DeviceIdentity, ErrorInfo, PortRef, PortState, Queued, Transition
 from daemon.store import Store, StoreUnavailable
 from daemon.workflow.actions import ALLOWED_IN, Action, ActionRejected
 from daemon.workflow.phases import RUNNING, SETTLED, Phase
 from daemon.workflow.resume import Resume, Settled, index_of, resume_point
-from daemon.workflow.scheduler import Queued, Scheduler
+from daemon.workflow.scheduler import Scheduler
 from daemon.workflow.steps import DETECT, plan
 from daemon.workflow.steps.base import Check, CheckResult, Services, Step, StepContext, StepError
 
@@ -929,12 +929,17 @@ class PortRunner:
             waiting.cancel()
         return bool(done)
 
-    def _queued(self, place: Queued) -> None:
-        self._report_progress(None, place.describe())
+    def _queued(self, place: Queued | None) -> None:
+        """The scheduler's news: the port's place in line, or None when its turn has come."""
+        if place is None:
+            self._report_progress(None, "starting")
+        else:
+            self._report_progress(None, place.describe(), queue=place)
 
-    def _report_progress(self, percent: int | None, detail: str | None) -> None:
+    def _report_progress(self, percent: int | None, detail: str | None, queue: Queued | None = None) -> None:
         """Progress is throttled to one update a second per port, or a 5-point change, or a new detail;
-        phase changes are never throttled (they are transitions)."""
+        phase changes are never throttled (they are transitions). `queue`: the port's place in line
+        while its step waits for the scheduler (a new place comes with a new detail)."""
         now = time.monotonic()
         last = self._progress
         changed_detail = detail is not None and detail != last.detail
@@ -946,4 +951,4 @@ class PortRunner:
         # Progress is not history: while the store fails it is skipped (the store says so, once),
         # never raised into the step reporting it.
         with contextlib.suppress(StoreUnavailable):
-            self.store.set_progress(self.ref, percent, detail)
+            self.store.set_progress(self.ref, percent, detail, queue)

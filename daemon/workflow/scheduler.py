@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from daemon.config import SchedulerConfig, StepPolicy
-from daemon.models import PortRef
+from daemon.models import PortRef, Queued
 
 STATION_DOMAIN: Final = "station"
 """The bandwidth domain of a port whose USB path is unknown: one shared domain, the safe guess."""
@@ -67,32 +67,6 @@ def controller_of(usb_path: str | None) -> str:
     return f"usb{bus}" if bus.isdigit() else STATION_DOMAIN
 
 
-def ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A waiting port's place in line for the resource that holds it up."""
-
-    position: int
-    """1: next to be served."""
-    resource: str
-    """What it waits for: a bandwidth domain (`usb3`) or a step's station-wide cap (`update`)."""
-    busy: int
-    capacity: int
-
-    def describe(self) -> str:
-        if self.resource.startswith("step:"):
-            what = f"the station's {self.resource.removeprefix('step:')} slots"
-        elif self.resource.startswith("bus:"):
-            what = f"the USB bus of {self.resource.removeprefix('bus:')}"
-        else:
-            what = f"a restore slot on {self.resource}"
-        return f"queued: {ordinal(self.position)} in line for {what} ({self.busy}/{self.capacity} busy)"
-
-
 @dataclass(frozen=True, slots=True)
 class PoolStatus:
     resource: str
@@ -105,7 +79,7 @@ class PoolStatus:
 class _Waiter:
     key: tuple[float, int]
     needs: tuple[str, ...]
-    on_queued: Callable[[Queued], None]
+    on_queued: Callable[[Queued | None], None]
     granted: asyncio.Future[None]
     reported: Queued | None = None
 
@@ -124,7 +98,11 @@ class FairPool:
     _waiters: list[_Waiter] = field(default_factory=list)
     _tiebreak: itertools.count[int] = field(default_factory=itertools.count)
 
-    async def acquire(self, needs: tuple[str, ...], key: float, on_queued: Callable[[Queued], None]) -> None:
+    async def acquire(
+        self, needs: tuple[str, ...], key: float, on_queued: Callable[[Queued | None], None]
+    ) -> None:
+        """Wait for one of each of `needs`, served in `key` order; `on_queued` hears the waiter's place
+        in line whenever it changes, and None when a waiter that was told a place is served."""
         waiter = _Waiter(
             (key, next(self._tiebreak)), needs, on_queued, asyncio.get_running_loop().create_future()
         )
@@ -140,6 +118,8 @@ class FairPool:
                 self.release(needs)  # granted just as it was cancelled: give the slots back
             self._serve()
             raise
+        if waiter.reported is not None:
+            on_queued(None)  # in the waiter's own task, not in the `release` that served it
 
     def release(self, needs: tuple[str, ...]) -> None:
         for name in needs:
@@ -310,7 +290,7 @@ class Scheduler:
         ref: PortRef,
         *,
         plugged_at: float,
-        on_queued: Callable[[Queued], None],
+        on_queued: Callable[[Queued | None], None],
     ) -> AsyncIterator[Lease]:
         """Hold the step's slots while the body runs; waiting for them does not count against the
         step's timeout (the caller starts its clock inside)."""
