@@ -154,14 +154,8 @@ def main() -> None:
     if mosquitto_binary() is None:
         sys.exit("mosquitto is not installed (apt install mosquitto)")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "broker").mkdir()
-        broker = Mosquitto(Path(tmp) / "broker")
-        broker.start()
-        try:
-            asyncio.run(measure(args, broker, Path(tmp) / "state"))
-        finally:
-            broker.stop()
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
+        asyncio.run(measure(args, broker, Path(tmp) / "state"))
 
 
 if __name__ == "__main__":

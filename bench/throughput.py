@@ -217,14 +217,8 @@ def main() -> None:
     if mosquitto_binary() is None:
         sys.exit("mosquitto is not installed (apt install mosquitto)")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "broker").mkdir()
-        broker = Mosquitto(Path(tmp) / "broker")
-        broker.start()
-        try:
-            results = asyncio.run(main_async(args, broker, Path(tmp)))
-        finally:
-            broker.stop()
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp) / "broker") as broker:
+        results = asyncio.run(main_async(args, broker, Path(tmp)))
     bound = lower_bound(args)
     if args.json:
         print(json.dumps({"lower_bound": bound, "results": [asdict(r) for r in results]}, indent=2))

@@ -458,6 +458,14 @@ async def _all_done_with_no_gap(station: Any, within: float = 15) -> None:
     check_history_has_no_gap(station.store.history())
 
 
+async def _caught_up(station: Any, systemd: socket.socket, statuses: list[str], health: _Health) -> None:
+    """Every device finished with an unbroken history, and systemd's STATUS and the MQTT health topic
+    no longer speak of the database."""
+    await _all_done_with_no_gap(station)
+    await eventually(lambda: "database:" not in _status_lines(systemd, statuses)[-1], "STATUS", 5)
+    await eventually(lambda: health.docs()[-1:] == [{"ok": True, "database": None, "since": None}])
+
+
 @pytest.mark.parametrize(
     "hold",
     [
@@ -487,11 +495,7 @@ async def test_a_locked_database_delays_the_bench_and_loses_no_work(
                 await _lock_for(config.storage.path, hold)
                 meter.cancel()
                 _status_lines(systemd, statuses)
-                await _all_done_with_no_gap(station)
-                await eventually(lambda: "database:" not in _status_lines(systemd, statuses)[-1], "STATUS", 5)
-                await eventually(
-                    lambda: health.docs()[-1:] == [{"ok": True, "database": None, "since": None}]
-                )
+                await _caught_up(station, systemd, statuses, health)
     finally:
         await health.close()
     assert max(lags) < 1.0, f"the event loop stalled {max(lags):.1f} s during the lock"
@@ -571,11 +575,7 @@ async def test_a_full_disk_is_reported_and_the_bench_catches_up(
                 filler.cancel()
                 db.execute("DROP TABLE IF EXISTS disk_filler")
                 db.execute("PRAGMA max_page_count = 1073741823")
-                await _all_done_with_no_gap(station)
-                await eventually(lambda: "database:" not in _status_lines(systemd, statuses)[-1], "STATUS", 5)
-                await eventually(
-                    lambda: health.docs()[-1:] == [{"ok": True, "database": None, "since": None}]
-                )
+                await _caught_up(station, systemd, statuses, health)
     finally:
         await health.close()
     assert full, "every port had finished before the disk was freed: the test tests nothing"
